@@ -1,0 +1,235 @@
+"""The ``bench`` command line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from bench.config import ConfigError
+
+
+class BenchError(click.ClickException):
+    """A user-facing error: printed as one clear line, exit status 2."""
+
+    exit_code = 2
+
+
+def _fail_cleanly(fn):
+    """Turn the harness's expected errors into one-line messages instead of tracebacks."""
+    import functools
+
+    from bench.data import DatasetMissingError
+    from bench.method import PluginError
+    from bench.store import StoreLockedError
+    from bench.teachers import CheckpointError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, PluginError, DatasetMissingError, StoreLockedError, CheckpointError) as exc:
+            raise BenchError(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """dfkd-bench: a benchmark harness for data-free and few-sample knowledge distillation.
+
+    \b
+    Typical use:
+      bench run --grid quick              # Fashion-MNIST, every method, 2 seeds (~20 min on 2 CPU cores)
+      bench report results/quick          # the accuracy-vs-latency report
+      bench list methods                  # what can be run
+      bench run --grid quick --plugin my_method.py
+    """
+
+
+def _common_paths(fn):
+    fn = click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), envvar="DFKD_DATA_ROOT",
+                      help="Folder where official dataset files are looked up (env DFKD_DATA_ROOT; "
+                           "default ~/.cache/dfkd-bench/data).")(fn)
+    fn = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="DFKD_CACHE_DIR",
+                      help="Teacher and student cache (env DFKD_CACHE_DIR; default ~/.cache/dfkd-bench).")(fn)
+    fn = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")(fn)
+    return fn
+
+
+@main.command()
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="A built-in grid (smoke, quick, full, ...; see `bench list grids`) or a path to a grid YAML.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: results/<grid name>].")
+@click.option("--plugin", "plugins", multiple=True,
+              help="A Python file or module defining extra methods (repeatable). Only code you name is run.")
+@click.option("--force", is_flag=True, help="Re-run every cell, even finished ones.")
+@click.option("--rerun-failed", is_flag=True, help="Re-run cells recorded as failed.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs stay quiet).")
+@click.option("--report/--no-report", default=True, show_default=True, help="Render the report when the grid finishes.")
+@_common_paths
+@_fail_cleanly
+def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, device, data_root, cache_dir):
+    """Run a grid of (dataset x teacher/student pair x method x seed) cells.
+
+    Writes one row per cell to OUT/runs.csv as cells finish. Re-running the same command resumes:
+    finished cells are skipped, and a change to any hyperparameter makes a new cell.
+
+    \b
+    Examples:
+      bench run --grid smoke                       # seconds: digits, tiny models, every method
+      bench run --grid quick --device auto         # Fashion-MNIST, ~20 min on 2 CPU cores
+      bench run --grid my_grid.yaml --out results/mine --rerun-failed
+      bench run --grid quick --plugin examples/my_method.py
+    """
+    from bench.grid import load_grid
+    from bench.method import load_plugin
+    from bench.runner import Runner, RunOptions, resolve_device, summary_table
+    from bench.store import ResultsStore
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    grid = load_grid(grid_name)
+    options = RunOptions(out=out or Path("results") / grid.name, device=resolve_device(device), data_root=data_root,
+                         cache_dir=cache_dir, force=force, rerun_failed=rerun_failed, progress=not no_progress)
+    click.echo(f"grid {grid.name!r} -> {options.out}/runs.csv on {options.device}")
+    summary = Runner(options).run(grid)
+    rows = list(ResultsStore(options.out).rows.values())
+    click.echo(summary_table(rows))
+    click.echo(f"{len(summary.done)} cells run ({summary.failed} failed), {summary.skipped} already done; "
+               f"results in {options.out / 'runs.csv'}")
+    if summary.interrupted:
+        click.echo("interrupted: run the same command again to finish the missing cells", err=True)
+        sys.exit(130)
+    if report and rows:
+        _render_report(options.out, None)
+
+
+def _render_report(results: Path, out: Path | None) -> None:
+    try:
+        from bench import report as report_module
+    except ImportError:  # the report module arrives with the report issue
+        return
+    target = report_module.render(results, out)
+    click.echo(f"report: {target / 'index.html'}")
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["methods", "models", "datasets", "grids"]))
+@click.option("--plugin", "plugins", multiple=True, help="Also list methods from this plugin file/module.")
+@_fail_cleanly
+def list_(what, plugins):
+    """List registered methods, models, datasets or built-in grids.
+
+    \b
+    Examples:
+      bench list methods
+      bench list methods --plugin examples/my_method.py
+      bench list grids
+    """
+    if what == "methods":
+        from bench.method import list_methods, load_plugin
+
+        for plugin in plugins:
+            load_plugin(plugin)
+        for name, cls in list_methods().items():
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            click.echo(f"{name:<16} data={cls.data_access.value:<5} teacher={cls.teacher_access.value:<10} "
+                       f"{doc[0] if doc else ''}")
+    elif what == "models":
+        from bench.models import list_models
+
+        click.echo("\n".join(list_models() + ["timm:<name>", "torchvision:<name>"]))
+    elif what == "datasets":
+        from bench.data import list_datasets
+
+        click.echo("\n".join(list_datasets()))
+    else:
+        from bench.grid import builtin_grids_dir, list_grids
+
+        import yaml
+
+        for name in list_grids():
+            raw = yaml.safe_load((builtin_grids_dir() / f"{name}.yaml").read_text())
+            click.echo(f"{name:<12} {raw.get('description', '')}")
+
+
+@main.group()
+def teachers():
+    """Train or inspect cached teachers.
+
+    \b
+    Examples:
+      bench teachers list
+      bench teachers train --dataset fashion_mnist --arch lenet5
+    """
+
+
+@teachers.command("list")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="DFKD_CACHE_DIR")
+def teachers_list(cache_dir):
+    """List cached teachers with their test accuracy."""
+    from bench.teachers import list_cached, resolve_cache_dir
+
+    rows = list_cached(cache_dir)
+    if not rows:
+        click.echo(f"no cached teachers in {resolve_cache_dir(cache_dir) / 'teachers'}")
+    for r in rows:
+        click.echo(f"{r['key']}  {r['dataset']:<14} {r['arch']:<12} seed={r['seed']} acc={r['accuracy']:.2f}% "
+                   f"({r['train_seconds']} s on {r['device']}, {r['created']})")
+
+
+@teachers.command("train")
+@click.option("--dataset", required=True, help="Dataset name (see `bench list datasets`).")
+@click.option("--arch", required=True, help="Model name (see `bench list models`).")
+@click.option("--seed", default=0, show_default=True)
+@_common_paths
+@_fail_cleanly
+def teachers_train(dataset, arch, seed, device, data_root, cache_dir):
+    """Train (or load from the cache) the teacher for DATASET x ARCH with its documented recipe."""
+    from bench.data import load_dataset
+    from bench.runner import resolve_device
+    from bench.teachers import get_teacher, recipe_for
+
+    from bench.data import list_datasets
+    from bench.grid import check_name
+    from bench.models import list_models
+
+    check_name(dataset, list_datasets(), "dataset", "--dataset", ("imagefolder:",))
+    check_name(arch, list_models(), "model", "--arch", ("timm:", "torchvision:"))
+    dev = resolve_device(device)
+    data = load_dataset(dataset, root=data_root, device=dev)
+    teacher = get_teacher(dataset, arch, data, dev, seed=seed, recipe=recipe_for(dataset), cache_dir=cache_dir,
+                          log=lambda it, losses: click.echo(f"  it {it}: loss {float(losses['loss']):.4f}") if it % 500 == 0 else None)
+    click.echo(f"teacher {arch} on {dataset}: {teacher.accuracy:.2f}% test accuracy (key {teacher.key})")
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder [default: reports/<results dir name>].")
+def report(results_dir, out):
+    """Render the accuracy-vs-latency report of a results folder (RESULTS_DIR/runs.csv).
+
+    Writes OUT/index.html (self-contained), OUT/report.md, OUT/summary.csv and every plot as
+    OUT/plots/*.png and *.svg: per dataset accuracy vs CPU latency with its Pareto front, vs MACs,
+    params, real data used and distillation seconds; the pair x method table; training curves;
+    sample grids; failed cells; the environment.
+
+    \b
+    Examples:
+      bench report results/quick                   # -> reports/quick/index.html
+      bench report results/mine --out /tmp/mine-report
+    """
+    from bench.report import ReportError, render
+
+    try:
+        target = render(results_dir, out)
+    except ReportError as exc:
+        raise BenchError(str(exc)) from None
+    click.echo(f"report: {target / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

