@@ -355,9 +355,12 @@ class DistillContext:
         if self.on_phase is not None:
             self.on_phase(name, total)
 
-    def log(self, step: int, **scalars: float | torch.Tensor) -> None:
-        """Record scalars at ``step`` in the cell's training curve. Syncs with the device: call at
-        log points only. A NaN or infinite value fails the cell."""
+    def log(self, step: int, named: Mapping[str, float | torch.Tensor] | None = None, /,
+            **scalars: float | torch.Tensor) -> None:
+        """Record scalars at ``step`` in the cell's training curve: ``ctx.log(it, loss=...)``, or
+        ``ctx.log(it, {"loss": ...})`` (the form :func:`bench.training.train` calls). Syncs with the
+        device: call at log points only. A NaN or infinite value fails the cell."""
+        scalars = {**(named or {}), **scalars}
         values = {k: float(v.detach().float().item()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:

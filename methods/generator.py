@@ -1,0 +1,105 @@
+"""The DAFL generator (Chen et al., ICCV 2019, arXiv 1904.01186), as a reusable module.
+
+Layer for layer the official code's ``Generator`` (DAFL-train.py), with the channel width as an
+argument (``width=128`` is the paper's; the second conv block has ``width // 2`` channels, 64 there):
+
+    z (latent_dim) -> Linear -> width x s/4 x s/4 -> BatchNorm2d(width)
+    -> Upsample x2 (nearest) -> Conv3x3 width->width -> BatchNorm2d(width, eps=0.8) -> LeakyReLU(0.2)
+    -> Upsample x2 (nearest) -> Conv3x3 width->width/2 -> BatchNorm2d(width/2, eps=0.8) -> LeakyReLU(0.2)
+    -> Conv3x3 width/2->C -> Tanh -> BatchNorm2d(C, affine=False)
+
+Pitfall reproduced on purpose: the official ``nn.BatchNorm2d(128, 0.8)`` sets *eps* = 0.8, not the
+momentum. The final affine-free BatchNorm maps images into the teacher's normalised input space.
+
+The generator always runs in train mode (batch statistics), as in the official code, which never
+calls ``generator.eval()``: :meth:`DAFLGenerator.train` ignores a request for eval mode unless the
+module was built with ``always_train=False``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DAFLGenerator(nn.Module):
+    """DAFL's image generator: ``forward(z) -> (B, channels, image_size, image_size)``."""
+
+    def __init__(self, latent_dim: int = 100, image_size: int = 32, channels: int = 1, width: int = 128,
+                 *, always_train: bool = True):
+        super().__init__()
+        if image_size % 4 != 0 or image_size <= 0:
+            raise ValueError(f"DAFLGenerator: image_size must be a positive multiple of 4, got {image_size}")
+        if width < 2 or width % 2 != 0:
+            raise ValueError(f"DAFLGenerator: width must be an even integer >= 2, got {width}")
+        for name, value in (("latent_dim", latent_dim), ("channels", channels)):
+            if value <= 0:
+                raise ValueError(f"DAFLGenerator: {name} must be positive, got {value}")
+        self.latent_dim, self.image_size, self.channels, self.width = latent_dim, image_size, channels, width
+        self.always_train = always_train
+        self.init_size = image_size // 4
+        self.l1 = nn.Linear(latent_dim, width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, stride=1, padding=1)
+        self.bn1 = nn.BatchNorm2d(width, eps=0.8)
+        self.conv2 = nn.Conv2d(width, width // 2, 3, stride=1, padding=1)
+        self.bn2 = nn.BatchNorm2d(width // 2, eps=0.8)
+        self.conv3 = nn.Conv2d(width // 2, channels, 3, stride=1, padding=1)
+        self.bn_out = nn.BatchNorm2d(channels, affine=False)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def train(self, mode: bool = True) -> "DAFLGenerator":
+        # DAFL's generator always normalises with batch statistics; .eval() keeps it in train mode.
+        return super().train(True if self.always_train else mode)
+
+    def sample_latent(self, batch_size: int, device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ N(0, I) of shape (batch_size, latent_dim)."""
+        return torch.randn(batch_size, self.latent_dim, device=device, generator=generator)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z.reshape(z.shape[0], -1))
+        out = self.bn0(out.view(out.shape[0], self.width, self.init_size, self.init_size))
+        out = F.interpolate(out, scale_factor=2, mode="nearest")
+        out = self.act(self.bn1(self.conv1(out)))
+        out = F.interpolate(out, scale_factor=2, mode="nearest")
+        out = self.act(self.bn2(self.conv2(out)))
+        return self.bn_out(torch.tanh(self.conv3(out)))
+
+
+def save_image_grid(images: torch.Tensor, path, mean, std, *, titles: list[str] | None = None, ncol: int = 8,
+                    title: str | None = None) -> None:
+    """Save normalised images (B, C, H, W) as a PNG grid, de-normalised with the dataset's ``mean``/``std``.
+
+    ``titles`` (one per image, e.g. the teacher's predicted class) label the tiles. Uses matplotlib's
+    object API (no pyplot, no global backend change).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = images.detach().float().cpu()
+    channels = x.shape[1]
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    x = (x * std_t + mean_t).clamp(0, 1)
+    n = x.shape[0]
+    ncol = max(1, min(ncol, n))
+    nrow = (n + ncol - 1) // ncol
+    fig = Figure(figsize=(1.1 * ncol, 1.25 * nrow + (0.3 if title else 0)))
+    FigureCanvasAgg(fig)
+    for i in range(nrow * ncol):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = x[i].permute(1, 2, 0).numpy()
+        if channels == 1:
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7, pad=1)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)

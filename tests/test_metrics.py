@@ -1,0 +1,91 @@
+"""bench.metrics on real (tiny) models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench.metrics import (count_flops, count_params, evaluate_accuracy, measure_latency, measure_throughput,
+                           peak_memory_mb, reset_peak_memory)
+from bench.models import create_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine they spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0
+
+
+def test_evaluate_accuracy_identity_classifier_is_100():
+    # each "image" is one row with 255 at the label's position: Flatten is a perfect classifier
+    y = torch.arange(10).repeat(7)
+    x = torch.zeros(len(y), 1, 1, 10, dtype=torch.uint8)
+    x[torch.arange(len(y)), 0, 0, y] = 255
+    model = nn.Flatten()
+    assert evaluate_accuracy(model, x, y, _to_float, batch_size=16) == 100.0
+
+
+def test_evaluate_accuracy_hand_computed_linear_model():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # predicts argmax of the pixels
+    x = torch.tensor([[255, 0], [0, 255], [200, 100], [10, 20], [5, 1]], dtype=torch.uint8)
+    y = torch.tensor([0, 1, 1, 1, 1])  # predictions 0, 1, 0, 1, 0 -> 3 of 5 correct
+    model.train()
+    assert evaluate_accuracy(model, x, y, _to_float, batch_size=2) == pytest.approx(60.0)
+    assert model.training  # previous mode restored
+
+
+def test_evaluate_accuracy_restores_eval_mode_and_rejects_mismatch():
+    model = nn.Flatten().eval()
+    x = torch.zeros(3, 1, 2, dtype=torch.uint8)
+    evaluate_accuracy(model, x, torch.zeros(3, dtype=torch.long), _to_float)
+    assert not model.training
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_accuracy(model, x, torch.zeros(2, dtype=torch.long), _to_float)
+
+
+def test_count_params_excludes_buffers():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4))
+    assert count_params(model) == 36 + 8
+    assert sum(b.numel() for b in model.buffers()) > 0
+
+
+def test_count_flops_linear_and_mode_restored():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3)).train()
+    flops, macs = count_flops(model, (3, 2, 2))
+    assert macs == 12 * 5 + 5 * 3
+    assert flops == 2 * macs
+    assert model.training
+
+
+def test_measure_latency_positive_and_threads_restored():
+    model = create_model("lenet5_half", 10, 1, 32)
+    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    median, iqr = measure_latency(model, (1, 32, 32), threads=1, min_run_time=0.05)
+    assert math.isfinite(median) and median > 0
+    assert math.isfinite(iqr) and iqr >= 0
+    assert torch.get_num_threads() == threads
+    assert model.training  # the caller's model is untouched (a copy is timed)
+
+
+def test_measure_throughput_positive():
+    model = create_model("lenet5_half", 10, 1, 32)
+    assert measure_throughput(model, (1, 32, 32), batch_size=4, min_run_time=0.05) > 0
+
+
+def test_peak_memory_cpu():
+    reset_peak_memory("cpu")
+    assert peak_memory_mb("cpu") > 0
+    with pytest.raises(ValueError, match="supported"):
+        peak_memory_mb("meta")
