@@ -201,7 +201,7 @@ def teachers_train(dataset, arch, seed, device, data_root, cache_dir):
     dev = resolve_device(device)
     data = load_dataset(dataset, root=data_root, device=dev)
     teacher = get_teacher(dataset, arch, data, dev, seed=seed, recipe=recipe_for(dataset), cache_dir=cache_dir,
-                          log=lambda it, losses: click.echo(f"  it {it}: loss {float(losses['loss']):.4f}") if it % 500 == 0 else None)
+                          log=lambda it, losses: click.echo(f"  it {it}: loss {float(losses['loss'].detach()):.4f}") if it % 500 == 0 else None)
     click.echo(f"teacher {arch} on {dataset}: {teacher.accuracy:.2f}% test accuracy (key {teacher.key})")
 
 

@@ -33,6 +33,7 @@ class PairSpec:
     student: str
     teacher_checkpoint: str | None = None  # the user's own teacher weights (a plain state dict)
     methods: list[str] | None = None  # labels of the method entries to run on this pair (default: all)
+    datasets: list[str] | None = None  # the grid's datasets this pair runs on (default: all)
 
 
 @dataclass
@@ -163,6 +164,12 @@ def expand(grid: Grid, where: str = "grid") -> list[Cell]:
         for i, pair in enumerate(grid.pairs):
             check_name(pair.teacher, models, "teacher model", f"{where}: pairs[{i}].teacher", ("timm:", "torchvision:"))
             check_spec(pair.student, f"{where}: pairs[{i}].student")
+            unknown_data = sorted(set(pair.datasets or []) - set(grid.datasets))
+            if unknown_data:
+                raise ConfigError(f"{where}: pairs[{i}].datasets: {unknown_data} not in the grid's datasets; "
+                                  f"valid: {', '.join(grid.datasets)}")
+            if pair.datasets is not None and dataset not in pair.datasets:
+                continue
             labels = [entry.label or entry.name for entry in grid.methods]
             unknown = sorted(set(pair.methods or []) - set(labels))
             if unknown:

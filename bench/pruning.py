@@ -147,6 +147,10 @@ def _prune(teacher: nn.Module, criterion: str, ratio: float, example: torch.Tens
                 original[name] = [c for c in original[name] if c not in gone]
             group.prune(record_history=False)
     model.requires_grad_(True)
+    if not any(pruned for _, _, pruned in history):
+        # e.g. slimming on an untrained BN net: all scales equal, so the global threshold ranks nothing
+        raise PruningError(f"{spec}: pruning removed no channel of {type(teacher).__name__} (are all the "
+                           f"importance scores equal, e.g. untrained BatchNorm scales?)")
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and len(original[name]) != _out_channels(module):
             raise PruningError(f"{spec}: bookkeeping of kept channels failed for {name!r}")  # a torch-pruning change

@@ -5,7 +5,10 @@ them, how to fit a 1x1 map Q in closed form, and how to merge Q exactly into the
 
 Fit points. A *fit point* is a Conv2d (groups=1) or Linear layer of the student other than the
 classifier (the layer whose output is the model's output), together with the BatchNorm that
-directly consumes its output, if any. Its *output* is the BN output (the conv with BN folded in,
+directly consumes its output if that BN is its only consumer (folding a BN changes the conv's own
+output: where that output also feeds something else, e.g. the identity shortcut of a
+pre-activation WRN's stem, the block is the conv alone and Q sits before the BN; counted on the
+autograd graph of one traced forward). Its *output* is the BN output (the conv with BN folded in,
 eval mode), else the layer output: the pre-activation of the block, taken before any nonlinearity
 and, in residual blocks, before the addition (a Q after the addition could not be merged into an
 identity shortcut). A derived student (``bench.pruning``) keeps the teacher's module names and
@@ -19,7 +22,7 @@ Least squares. ``Q^T = argmin ||X Q^T - Y||^2 + lam ||Q||^2`` over the N*H*W row
 of student output X and teacher target Y, from streamed sums ``X^T X`` and ``X^T Y`` (float64):
 ``Q^T = (X^T X + lam I)^{-1} X^T Y`` by Cholesky. ``lam = ridge * trace(X^T X) / C`` with a tiny
 relative ``ridge`` (default 1e-8): it only matters when a channel is constant zero (a dead filter),
-where it keeps the system solvable and that channel's row of Q at zero.
+where it keeps the system solvable and that input channel's column of Q at zero.
 
 Merge (exact). conv W (C_o x C_i x k x k), bias b, then Q: ``W'[:, :, u, v] = Q @ W[:, :, u, v]``,
 ``b' = Q @ b``. With BN between, BN is folded into the conv first (``s = gamma / sqrt(var + eps)``,
@@ -100,14 +103,32 @@ def _trace_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], di
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            logits = model(example)
+        with torch.enable_grad():  # the autograd graph tells how many consumers each layer output has
+            logits = model(example.detach().clone().requires_grad_(True))
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
+    uses = _consumer_counts(logits)
+    bn_after = {name: bn for name, bn in bn_after.items() if uses.get(outputs[name].grad_fn, 0) == 1}
     classifier = next((n for n, t in outputs.items() if t is logits), None)
     return order, bn_after, classifier
+
+
+def _consumer_counts(output: torch.Tensor) -> dict:
+    """{autograd node: how many operations consume its output} over the graph that produced ``output``."""
+    counts: dict = {}
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                counts[parent] = counts.get(parent, 0) + 1
+                stack.append(parent)
+    return counts
 
 
 def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:

@@ -17,9 +17,10 @@ The official code evaluates the student on the test set every epoch and reports 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,34 @@ def information_entropy_loss(t_logits: torch.Tensor) -> torch.Tensor:
 def student_loss(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
     """L_S = KL(softmax(t) || softmax(s)) at temperature 1, summed over classes / batch (``kdloss``)."""
     return kd_loss(s_logits, t_logits.detach(), 1.0)
+
+
+def dafl_step(generator, teacher, student, opt_g: torch.optim.Optimizer, opt_s: torch.optim.Optimizer,
+              z: torch.Tensor, *, oh: float, a: float, ie: float, autocast: Callable = contextlib.nullcontext,
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One DAFL iteration as in the official code; :meth:`DAFL.distill` and the speed benchmark run it.
+
+    x = G(z); ONE teacher forward (``teacher.features_and_logits``); the student on ``x.detach()``;
+    one backward of ``L_G + L_S`` (G gets only L_G's gradient, S only L_S's); both optimisers step.
+    No host synchronisation. Returns ``(x, teacher logits (float32), losses)`` with ``losses`` the
+    tensors ``loss_oh, loss_a, loss_ie, loss_g, loss_s`` (the training curve's names).
+    """
+    with autocast():
+        x = generator(z)
+        t_features, t_logits = teacher.features_and_logits(x)  # the one teacher forward
+        s_logits = student(x.detach())
+    t_logits = t_logits.float()
+    l_oh = one_hot_loss(t_logits)
+    l_a = activation_loss(t_features.float())
+    l_ie = information_entropy_loss(t_logits)
+    loss_g = oh * l_oh + a * l_a + ie * l_ie
+    loss_s = student_loss(s_logits.float(), t_logits)
+    opt_g.zero_grad(set_to_none=True)
+    opt_s.zero_grad(set_to_none=True)
+    (loss_g + loss_s).backward()  # the official code's ``loss += loss_kd; loss.backward()``
+    opt_g.step()
+    opt_s.step()
+    return x, t_logits, {"loss_oh": l_oh, "loss_a": l_a, "loss_ie": l_ie, "loss_g": loss_g, "loss_s": loss_s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,28 +171,14 @@ class DAFL(Method):
         student.train()
         for it in range(1, plan.total + 1):
             z = torch.randn(cfg.batch_size, cfg.latent_dim, device=device)
-            with ctx.autocast():
-                x = gen_fwd(z)
-                t_features, t_logits = teacher.features_and_logits(x)  # the one teacher forward
-                s_logits = student_fwd(x.detach())
-            t_logits = t_logits.float()
-            l_oh = one_hot_loss(t_logits)
-            l_a = activation_loss(t_features.float())
-            l_ie = information_entropy_loss(t_logits)
-            loss_g = cfg.oh * l_oh + cfg.a * l_a + cfg.ie * l_ie
-            loss_s = student_loss(s_logits.float(), t_logits)
-            opt_g.zero_grad(set_to_none=True)
-            opt_s.zero_grad(set_to_none=True)
-            (loss_g + loss_s).backward()  # G gets only L_G's gradient, S only L_S's (x is detached)
-            opt_g.step()
-            opt_s.step()
+            x, t_logits, losses = dafl_step(gen_fwd, teacher, student_fwd, opt_g, opt_s, z, oh=cfg.oh, a=cfg.a,
+                                            ie=cfg.ie, autocast=ctx.autocast)
             sched_s.step()
 
             last = it == plan.total
             if it % cfg.log_every == 0 or last:
-                values = torch.stack([l_oh, l_a, l_ie, loss_g, loss_s]).detach().tolist()  # one sync
-                ctx.log(it, **dict(zip(("loss_oh", "loss_a", "loss_ie", "loss_g", "loss_s"), values)),
-                        lr_s=sched_s.get_last_lr()[0])
+                values = torch.stack(list(losses.values())).detach().tolist()  # one sync
+                ctx.log(it, **dict(zip(losses, values)), lr_s=sched_s.get_last_lr()[0])
             if (cfg.eval_every and it % cfg.eval_every == 0) or last:
                 ctx.evaluate(student, it)  # eval mode inside; train mode restored
 

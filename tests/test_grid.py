@@ -82,3 +82,14 @@ def test_a_pair_can_restrict_its_methods(tmp_path):
         ("lenet5", "kd"), ("lenet5", "kd_noise"), ("lenet5_half", "kd_noise")]
     with pytest.raises(ConfigError, match=r"pairs\[0\].methods: unknown method entries \['dafl2'\]"):
         load_grid(_write(tmp_path, text.replace("methods: [kd_noise]", "methods: [dafl2]")))
+
+
+def test_a_pair_can_restrict_its_datasets(tmp_path):
+    text = GOOD.replace("datasets: [digits]", "datasets: [digits, mnist_5k]").replace(
+        "pairs: [{teacher: lenet5, student: lenet5_half}]",
+        "pairs: [{teacher: lenet5, student: lenet5_half, datasets: [mnist_5k]}, {teacher: lenet5, student: lenet5}]")
+    cells = expand(load_grid(_write(tmp_path, text)))
+    assert sorted({(c.dataset, c.student) for c in cells}) == [
+        ("digits", "lenet5"), ("mnist_5k", "lenet5"), ("mnist_5k", "lenet5_half")]
+    with pytest.raises(ConfigError, match=r"pairs\[0\].datasets: \['cifar10'\] not in the grid's datasets"):
+        expand(load_grid(_write(tmp_path, text.replace("datasets: [mnist_5k]}", "datasets: [cifar10]}"))))

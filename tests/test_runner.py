@@ -20,7 +20,7 @@ GRID = """
 name: tiny
 datasets: [digits]
 pairs: [{teacher: lenet5, student: lenet5_half}]
-methods: [kd, kd_noise, kd_alt, student_only]
+methods: [kd, {name: kd_noise, budget: 0.002}, kd_alt, student_only]
 seeds: [0, 1]
 budget: 0.02
 teacher_recipe: {digits: {epochs: 15}}

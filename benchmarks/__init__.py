@@ -1,0 +1,1 @@
+"""pytest-benchmark speed benchmarks (run: python -m pytest benchmarks --benchmark-enable)."""
