@@ -68,9 +68,19 @@ def _common_paths(fn):
 @click.option("--rerun-failed", is_flag=True, help="Re-run cells recorded as failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs stay quiet).")
 @click.option("--report/--no-report", default=True, show_default=True, help="Render the report when the grid finishes.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: cells one after another in this process; ray: cells as Ray tasks (pip install 'dfkd-bench[ray]').")
+@click.option("--address", default=None,
+              help="Ray only: 'auto' or a ray:// address to join a running cluster [default: start a private local instance].")
+@click.option("--num-cpus", type=int, default=None, help="Ray only: CPUs of the private local instance [default: all].")
+@click.option("--cpus-per-cell", type=float, default=1.0, show_default=True, help="Ray only: CPUs each cell task reserves.")
+@click.option("--gpus-per-cell", type=float, default=0.0, show_default=True, help="Ray only: GPUs each cell task reserves.")
+@click.option("--retries", type=int, default=1, show_default=True,
+              help="Ray only: re-runs of a cell whose worker died before it is recorded as failed.")
 @_common_paths
 @_fail_cleanly
-def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, device, data_root, cache_dir):
+def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, executor, address, num_cpus, cpus_per_cell,
+        gpus_per_cell, retries, device, data_root, cache_dir):
     """Run a grid of (dataset x teacher/student pair x method x seed) cells.
 
     Writes one row per cell to OUT/runs.csv as cells finish. Re-running the same command resumes:
@@ -82,6 +92,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, devic
       bench run --grid quick --device auto         # Fashion-MNIST, ~20 min on 2 CPU cores
       bench run --grid my_grid.yaml --out results/mine --rerun-failed
       bench run --grid quick --plugin examples/my_method.py
+      bench run --grid full --executor ray --address auto --gpus-per-cell 1   # on a Ray cluster
     """
     from bench.grid import load_grid
     from bench.method import load_plugin
@@ -94,7 +105,14 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, devic
     options = RunOptions(out=out or Path("results") / grid.name, device=resolve_device(device), data_root=data_root,
                          cache_dir=cache_dir, force=force, rerun_failed=rerun_failed, progress=not no_progress)
     click.echo(f"grid {grid.name!r} -> {options.out}/runs.csv on {options.device}")
-    summary = Runner(options).run(grid)
+    if executor == "ray":
+        from bench.ray_executor import RayOptions, run_grid
+
+        ray_options = RayOptions(address=address, num_cpus=num_cpus, cpus_per_cell=cpus_per_cell,
+                                 gpus_per_cell=gpus_per_cell, retries=retries)
+        summary = run_grid(grid, options, ray_options, device=device, plugins=list(plugins))
+    else:
+        summary = Runner(options).run(grid)
     rows = list(ResultsStore(options.out).rows.values())
     click.echo(summary_table(rows))
     click.echo(f"{len(summary.done)} cells run ({summary.failed} failed), {summary.skipped} already done; "

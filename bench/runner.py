@@ -126,6 +126,27 @@ class _Progress:
         self.cells.close()
 
 
+def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
+    """The identity columns of a cell's row (what is known before it runs)."""
+    return {
+        "cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset, "teacher": cell.teacher,
+        "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
+        "seed": cell.seed, "budget": cell.budget, "device": str(device), "cpu": cpu_name(),
+        "torch": torch.__version__, "git_commit": git_commit(), "latency_threads": cell.latency_threads,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "method_params": json.dumps(cell.params, sort_keys=True),
+    }
+
+
+def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> list[Cell]:
+    """Resume logic shared by every executor: missing cells, plus failed ones with ``rerun_failed``, or all with ``force``."""
+    todo = []
+    for cell in cells:
+        status = store.status(cell.cell_id)
+        if opts.force or status is None or (status == "failed" and opts.rerun_failed):
+            todo.append(cell)
+    return todo
+
+
 class Runner:
     """Runs cells; caches datasets and teachers across the cells of one run."""
 
@@ -169,13 +190,7 @@ class Runner:
         (cell_dir / "curve.jsonl").unlink(missing_ok=True)
         (cell_dir / "error.txt").unlink(missing_ok=True)
         method_cls = None
-        row: dict[str, Any] = {
-            "cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset, "teacher": cell.teacher,
-            "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
-            "seed": cell.seed, "budget": cell.budget, "device": str(opts.device), "cpu": cpu_name(),
-            "torch": torch.__version__, "git_commit": git_commit(), "latency_threads": cell.latency_threads,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "method_params": json.dumps(cell.params, sort_keys=True),
-        }
+        row = base_row(cell, opts.device)
         ctx = None
         try:
             method_cls = get_method(cell.method)
@@ -249,11 +264,7 @@ class Runner:
         store = ResultsStore(opts.out).lock()
         (opts.out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description,
                                                         "cells": len(cells)}, indent=2))
-        todo = []
-        for cell in cells:
-            status = store.status(cell.cell_id)
-            if opts.force or status is None or (status == "failed" and opts.rerun_failed):
-                todo.append(cell)
+        todo = cells_to_run(cells, store, opts)
         summary = RunSummary(skipped=len(cells) - len(todo))
         self.progress = _Progress(len(todo), opts.progress)
         try:

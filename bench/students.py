@@ -54,6 +54,11 @@ def _split(spec: str) -> tuple[str | None, str]:
     return (kind, args) if sep and kind in _KINDS else (None, spec)
 
 
+def is_derived(spec: str) -> bool:
+    """True for ``<kind>:<args>`` students built from the teacher (cached per teacher)."""
+    return _split(spec)[0] is not None
+
+
 def check_spec(spec: str, where: str = "student") -> None:
     """Raise :class:`ConfigError` unless ``spec`` names a model or a registered derived kind."""
     kind, args = _split(spec)

@@ -4,7 +4,8 @@ Shared by ``fskd``, ``fitnet_few``: where student and teacher feature maps corre
 them, how to fit a 1x1 map Q in closed form, and how to merge Q exactly into the preceding conv.
 
 Fit points. A *fit point* is a Conv2d (groups=1) or Linear layer of the student other than the
-classifier (the layer whose output is the model's output), together with the BatchNorm that
+classifier (the layer whose output is the model's output; included on request, see
+:func:`fit_points`), together with the BatchNorm that
 directly consumes its output if that BN is its only consumer (folding a BN changes the conv's own
 output: where that output also feeds something else, e.g. the identity shortcut of a
 pre-activation WRN's stem, the block is the conv alone and Q sits before the BN; counted on the
@@ -15,7 +16,7 @@ identity shortcut). A derived student (``bench.pruning``) keeps the teacher's mo
 carries ``kept_channels: dict[str, list[int]]`` (module name -> the teacher output channels it
 kept, in order), so the teacher's matching target is the output of the same-named teacher module
 restricted to those channels. LeNet-5: conv1, conv2, conv3 and fc1 (a Linear is fitted as a 1x1
-block on N rows; fc2 is the classifier and is not fitted). VGG: every conv (+BN) and every hidden
+block on N rows; fc2, the classifier, only with ``fit_classifier``). VGG: every conv (+BN) and every hidden
 Linear. ResNets: every conv (+BN) of the residual branches, the stem and the projection shortcuts.
 
 Least squares. ``Q^T = argmin ||X Q^T - Y||^2 + lam ||Q||^2`` over the N*H*W rows (N for a Linear)
@@ -137,8 +138,11 @@ def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
 
 
 def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, *, spec: str = "student",
-               fit_linear: bool = True) -> list[FitPoint]:
+               fit_linear: bool = True, fit_classifier: bool = False) -> list[FitPoint]:
     """The student's blocks with a teacher counterpart, input first (see the module docstring).
+
+    ``fit_classifier``: also the classifier, whose outputs (the logits) are never pruned: its Q is a
+    K x K map on the logits, fitted against the teacher's logits and merged into the classifier.
 
     Raises :class:`NotDerivedError` when the student does not carry ``kept_channels`` (it was not
     derived from the teacher) or its layers do not match the teacher's by name and shape."""
@@ -153,7 +157,8 @@ def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, *,
     points = []
     for name in order:
         layer = s_modules[name]
-        if name == classifier or (isinstance(layer, nn.Linear) and not fit_linear):
+        if (name == classifier and not fit_classifier) or (isinstance(layer, nn.Linear) and not fit_linear
+                                                            and name != classifier):
             continue
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             continue  # a depthwise/grouped conv mixes no channels: a full C'xC' Q cannot be merged into it

@@ -10,7 +10,10 @@ restricted to the kept channels; blocks are fitted from the input up, each with 
 place (block-coordinate descent, ``passes`` sweeps), and each Q is merged exactly into its conv, so
 the returned student has exactly the pruned architecture (same params, same FLOPs). Which layers are
 blocks (LeNet-5: conv1..conv3 and fc1; VGG: every conv; ResNets: every conv of the residual
-branches, before the addition): methods/block_fitting.py.
+branches, before the addition): methods/block_fitting.py. By default the classifier is a last
+block too (``fit_classifier``: a K x K Q on the logits against the teacher's logits; a harness
+extension that added ~4 points on Fashion-MNIST LeNet-5 pruned:l1:0.5 at 500 samples, 77.95 ->
+82.12 over 2 seeds; ``fit_classifier=False`` is the paper's placement).
 
 Labels are never read. The teacher is queried once per sample: its block outputs are kept on the
 device (``cache_teacher``); with ``cache_teacher=False`` it is re-run for every block instead
@@ -35,6 +38,10 @@ class FSKDConfig(MethodConfig):
     passes: int = 1  # sweeps of block-coordinate descent over all blocks (the paper's BCD; 1 = one sweep)
     ridge: float = 1e-8  # relative ridge lam = ridge * trace(X^T X) / C (harness choice: only for dead channels)
     fit_linear: bool = True  # also fit hidden Linear layers (LeNet-5 fc1) as 1x1 blocks (harness choice)
+    # Also fit a K x K Q on the classifier's output (the logits, never pruned) against the teacher's
+    # logits: the last block of the student is the classifier, and its output has an exact teacher
+    # counterpart. The paper places Q after conv blocks only (harness extension; False = the paper's).
+    fit_classifier: bool = True
     batch_size: int = 100  # streaming batch (memory only: the sums, hence Q, do not depend on it)
     cache_teacher: bool = True  # one teacher pass, block outputs kept; False: re-run the teacher per block
 
@@ -58,7 +65,7 @@ class FSKD(Method):
         images, _ = ctx.few_samples(cfg.n_samples)  # unlabelled
         student.eval()  # BN uses its running statistics: the block output is the BN-folded conv
         points = fit_points(student, teacher.module, ctx.prepare(images[:1]), spec=student_spec(student),
-                            fit_linear=cfg.fit_linear)
+                            fit_linear=cfg.fit_linear, fit_classifier=cfg.fit_classifier)
         targets = teacher_targets(teacher, points, images, ctx.prepare, cfg.batch_size) if cfg.cache_teacher else None
         ctx.phase("fskd blocks", cfg.passes * len(points))
         started, step = time.perf_counter(), 0

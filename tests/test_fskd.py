@@ -218,7 +218,7 @@ def test_fskd_recovers_the_pruned_lenet5_without_labels_at_zero_extra_cost(teach
     assert count_params(recovered) == params and count_flops(recovered, (1, 32, 32))[1] == macs
     assert {k: v.shape for k, v in recovered.state_dict().items()} == shapes
     curve = [json.loads(line) for line in (tmp_path / "fskd" / "curve.jsonl").read_text().splitlines()]
-    assert len(curve) == 4  # one log per block: conv1, conv2, conv3, fc1
+    assert len(curve) == 5  # one log per block: conv1, conv2, conv3, fc1 and the classifier fc2
     assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-9 for r in curve)
 
 
@@ -234,7 +234,7 @@ def test_fskd_fit_does_not_depend_on_streaming_or_teacher_caching(lenet, digits,
         results.append((method.distill(counted, copy.deepcopy(lenet[1]), ctx), counted.queries))
         ctx.close()
     (cached, q_cached), (streamed, q_streamed) = results
-    assert q_cached == 100 and q_streamed == 100 * 4  # re-run per block: n x blocks x passes
+    assert q_cached == 100 and q_streamed == 100 * 5  # re-run per block: n x blocks (conv1-3, fc1, fc2) x passes
     for (name, a), b in zip(cached.state_dict().items(), streamed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -256,7 +256,7 @@ def test_fskd_fits_every_block_of_a_pre_activation_wrn(tmp_path):
     ctx.close()
     assert {k: v.shape for k, v in fitted.state_dict().items()} == shapes
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
-    assert len(curve) == 15
+    assert len(curve) == 16  # 15 convs and the classifier
     assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-6 for r in curve), curve
     assert curve[0]["rel_err_after"] < 0.9 * curve[0]["rel_err_before"]
 

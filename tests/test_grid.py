@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from bench.config import ConfigError
@@ -93,3 +95,10 @@ def test_a_pair_can_restrict_its_datasets(tmp_path):
         ("digits", "lenet5"), ("mnist_5k", "lenet5"), ("mnist_5k", "lenet5_half")]
     with pytest.raises(ConfigError, match=r"pairs\[0\].datasets: \['cifar10'\] not in the grid's datasets"):
         expand(load_grid(_write(tmp_path, text.replace("datasets: [mnist_5k]}", "datasets: [cifar10]}"))))
+
+
+def test_example_study_grids_expand():
+    studies = sorted((Path(__file__).resolve().parents[1] / "examples" / "studies").glob("*.yaml"))
+    assert studies
+    for path in studies:
+        assert expand(load_grid(str(path))), path

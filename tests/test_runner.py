@@ -54,6 +54,11 @@ class Sneaky(Method):
 '''
 
 
+def _grid_with(old: str, new: str) -> str:
+    assert old in GRID, f"{old!r} is not in the test grid"
+    return GRID.replace(old, new)
+
+
 def _run(args, env=None):
     result = CliRunner().invoke(main, args, catch_exceptions=False, env=env)
     return result
@@ -108,7 +113,7 @@ def test_failures_are_recorded_and_the_grid_goes_on(tmp_path, cache_dir):
     plugin = tmp_path / "failing.py"
     plugin.write_text(FAILING_PLUGIN)
     grid = tmp_path / "fail.yaml"
-    grid.write_text(GRID.replace("methods: [kd, kd_noise, kd_alt, student_only]", "methods: [explodes, goes_nan, sneaky, kd_noise]")
+    grid.write_text(_grid_with("methods: [kd, {name: kd_noise, budget: 0.002}, kd_alt, student_only]", "methods: [explodes, goes_nan, sneaky, {name: kd_noise, budget: 0.002}]")
                     .replace("seeds: [0, 1]", "seeds: [0]") + f"plugins: [{plugin}]\n")
     out = tmp_path / "results"
     args = ["run", "--grid", str(grid), "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress", "--no-report"]
@@ -152,7 +157,7 @@ def test_sigkill_mid_grid_then_resume_completes_only_missing_cells(tmp_path, gri
 
 def test_plugin_method_shows_up_in_the_csv(tmp_path, cache_dir):
     grid = tmp_path / "plugin.yaml"
-    grid.write_text(GRID.replace("methods: [kd, kd_noise, kd_alt, student_only]", "methods: [uniform_kd]")
+    grid.write_text(_grid_with("methods: [kd, {name: kd_noise, budget: 0.002}, kd_alt, student_only]", "methods: [uniform_kd]")
                     .replace("seeds: [0, 1]", "seeds: [0]"))
     out = tmp_path / "results"
     result = _run(["run", "--grid", str(grid), "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress",
