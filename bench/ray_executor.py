@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from bench.config import ConfigError
 from bench.grid import Cell, Grid, expand
-from bench.runner import RunOptions, RunSummary, Runner, base_row, cells_to_run, resolve_device
+from bench.runner import RunOptions, RunSummary, Runner, base_row, cells_to_run, resolve_device, write_grid_json
 from bench.store import ResultsStore
 
 
@@ -152,8 +152,7 @@ def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "
                for p in [*plugins, *grid.plugins]]
     cells = expand(grid)
     store = ResultsStore(opts.out).lock()
-    (opts.out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description,
-                                                    "cells": len(cells), "executor": "ray"}, indent=2))
+    write_grid_json(opts.out, grid, cells, "ray")
     todo = cells_to_run(cells, store, opts)
     summary = RunSummary(skipped=len(cells) - len(todo))
     if not todo:

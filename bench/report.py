@@ -486,6 +486,15 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
     """Write the report of ``results_dir`` into ``out`` (default ``reports/<results dir name>``); return ``out``."""
     results_dir = Path(results_dir)
     df, notes = load_runs(results_dir)
+    grid = _grid_info(results_dir)
+    current = set(grid.get("cell_ids") or [])
+    if current and (~df["cell_id"].isin(current)).any():
+        stale = int((~df["cell_id"].isin(current)).sum())
+        notes.append(f"{stale} row(s) of runs.csv belong to cells that are no longer in the grid (an earlier version of "
+                     "its YAML): not shown here; they stay in runs.csv.")
+        df = df[df["cell_id"].isin(current)].reset_index(drop=True)
+        if df.empty:
+            raise ReportError(f"no row of {results_dir / 'runs.csv'} belongs to the grid's current cells")
     out = Path(out) if out is not None else Path("reports") / (results_dir.resolve().name or "results")
     plots_dir, samples_dir = out / "plots", out / "samples"
     for folder in (plots_dir, samples_dir):
@@ -507,7 +516,6 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
                                              plots_dir, samples_dir))
     summary = agg.copy()
     summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
-    grid = _grid_info(results_dir)
     context = dict(results_dir=results_dir, out=out, df=df, notes=notes, sections=sections, grid=grid, colours=colours)
     (out / "index.html").write_text(_html(**context), encoding="utf-8")
     (out / "report.md").write_text(_markdown(**context), encoding="utf-8")

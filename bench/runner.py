@@ -137,6 +137,12 @@ def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
     }
 
 
+def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str) -> None:
+    """``grid.json``: the grid's name, description and current cell_ids (the report shows only those)."""
+    (out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description, "cells": len(cells),
+                                               "cell_ids": [c.cell_id for c in cells], "executor": executor}, indent=2))
+
+
 def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> list[Cell]:
     """Resume logic shared by every executor: missing cells, plus failed ones with ``rerun_failed``, or all with ``force``."""
     todo = []
@@ -262,8 +268,7 @@ class Runner:
         opts = self.options
         cells = expand(grid)
         store = ResultsStore(opts.out).lock()
-        (opts.out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description,
-                                                        "cells": len(cells)}, indent=2))
+        write_grid_json(opts.out, grid, cells, "local")
         todo = cells_to_run(cells, store, opts)
         summary = RunSummary(skipped=len(cells) - len(todo))
         self.progress = _Progress(len(todo), opts.progress)

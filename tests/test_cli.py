@@ -48,3 +48,21 @@ def test_every_command_has_help_with_examples():
         result = _invoke(*args, "--help")
         assert result.exit_code == 0 and "Examples:" in result.output, args
     assert _invoke("teachers", "train", "--help").exit_code == 0
+
+
+def test_executor_ray_without_ray_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as on a machine without the extra
+    result = _invoke("run", "--grid", "smoke", "--executor", "ray", "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "pip install 'dfkd-bench[ray]'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--cpus-per-cell", "0", "--cpus-per-cell must be > 0, got 0.0"),
+    ("--retries", "-1", "--retries must be >= 0, got -1"),
+])
+def test_bad_ray_options(option, value, needle, tmp_path):
+    result = _invoke("run", "--grid", "smoke", "--executor", "ray", option, value, "--out", str(tmp_path))
+    assert result.exit_code == 2 and needle in result.output, result.output

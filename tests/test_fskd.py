@@ -207,7 +207,7 @@ def test_fskd_recovers_the_pruned_lenet5_without_labels_at_zero_extra_cost(teach
     base_acc = _accuracy(baseline, digits)
     assert ctx.real_samples_used == 0 and counted.queries == 0
 
-    fskd = _method("fskd", n_samples=100)
+    fskd = _method("fskd", n_samples=100, ridge=1e-8)  # plain least squares: each fit beats Q = I on its rows
     ctx = _context(fskd, digits, tmp_path / "fskd", cls=LabelsWithheld)
     counted = CountingTeacher(teacher.model)
     recovered = fskd.distill(counted, pruned, ctx)
@@ -250,7 +250,7 @@ def test_fskd_fits_every_block_of_a_pre_activation_wrn(tmp_path):
     teacher = make_teacher("wrn_16_1", 3)
     student, _ = build_pruned(teacher, "pruned:l1:0.5", example(3))
     shapes = {k: v.shape for k, v in student.state_dict().items()}
-    fskd = _method("fskd", n_samples=32)
+    fskd = _method("fskd", n_samples=32, ridge=1e-8)  # plain least squares (a ridge trades fit for stability)
     ctx = _context(fskd, data, tmp_path)
     fitted = fskd.distill(CountingTeacher(teacher), student, ctx)
     ctx.close()

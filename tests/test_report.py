@@ -179,3 +179,19 @@ def test_cli_report_with_only_some_methods(tmp_path, monkeypatch):
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "does not exist" in missing.output and "Traceback" not in missing.output
     assert "Examples" in CliRunner().invoke(main, ["report", "--help"]).output
+
+
+def test_rows_of_cells_no_longer_in_the_grid_are_left_out(tmp_path):
+    results = make_results(tmp_path / "results")
+    rows = list(csv.DictReader(FIXTURE.open()))
+    dropped = rows[0]
+    kept_ids = [r["cell_id"] for r in rows if r["cell_id"] != dropped["cell_id"]]
+    (results / "grid.json").write_text(json.dumps({"name": "fixture", "cells": len(kept_ids), "cell_ids": kept_ids}))
+    out = render(results, tmp_path / "out")
+    page = (out / "index.html").read_text()
+    assert "1 row(s) of runs.csv belong to cells that are no longer in the grid" in page
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["n_total"].sum() == len(kept_ids)
+    (results / "grid.json").write_text(json.dumps({"name": "fixture", "cell_ids": ["nothing-here"]}))
+    with pytest.raises(ReportError, match="no row of .* belongs to the grid's current cells"):
+        render(results, tmp_path / "out2")
