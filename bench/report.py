@@ -45,8 +45,9 @@ NUMERIC_COLUMNS = ("seed", "budget", "real_samples_used", "teacher_queries", "te
                    "latency_iqr_ms", "latency_threads", "throughput", "distill_seconds", "iterations", "peak_mem_mb",
                    "teacher_latency_ms")
 DATA_ACCESS_ORDER = ("none", "alt", "few", "full")
-DATA_ACCESS_TEXT = {"none": "none (data-free)", "alt": "alt (other real data)", "few": "few samples",
-                    "full": "full training set"}
+DATA_ACCESS_TEXT = {"none": "none\n(data-free)", "alt": "alt\n(other real data)", "few": "few\nsamples",
+                    "full": "full\ntraining set"}
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8")
 LINESTYLES = ("-", "--", ":", "-.")
 TEACHER_MARKER = "*"
@@ -123,10 +124,11 @@ def student_markers(students: Iterable[str]) -> dict[str, str]:
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, teacher, student, method label): mean and std over the finished seeds.
 
-    ``arch_latency_ms_mean/std`` pool the latency of every finished cell of the dataset with the same
+    ``arch_latency_ms_median/iqr`` pool the latency of every finished cell of the dataset with the same
     student architecture (student spec, params, MACs): latency belongs to the architecture, not to the
     method that trained its weights, so per-method differences are timing noise and must not decide
-    the Pareto front.
+    the Pareto front. Median and interquartile range, because one cell timed while the machine was
+    busy must not move the point or widen its error bar across the whole plot.
     """
     keys = ["dataset", "teacher", "student", "pair", "label"]
     ok_all = df[df["status"] == "ok"]
@@ -144,8 +146,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{column}_mean"] = values.mean() if len(values) else math.nan
             row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         arch = pooled.get(tuple(ok[arch_keys].iloc[0]), pd.Series(dtype=float)) if len(ok) else pd.Series(dtype=float)
-        row["arch_latency_ms_mean"] = arch.mean() if len(arch) else math.nan
-        row["arch_latency_ms_std"] = arch.std(ddof=1) if len(arch) > 1 else math.nan
+        row["arch_latency_ms_median"] = arch.median() if len(arch) else math.nan
+        row["arch_latency_ms_iqr"] = arch.quantile(0.75) - arch.quantile(0.25) if len(arch) > 1 else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -247,12 +249,22 @@ def _legend(fig, colours, markers, labels_present, students_present, extra=()):
     fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method (colour)", alignment="left")
 
 
+def _centre(x: str) -> str:
+    """The aggregated column plotted for ``x``: the pooled latency's median, else the mean over seeds."""
+    return f"{x}_median" if x == "arch_latency_ms" else f"{x}_mean"
+
+
+def _spread(row: pd.Series, x: str) -> float:
+    """Half-width of the x error bar: half the IQR for the pooled latency, else the std over seeds."""
+    return row[f"{x}_iqr"] / 2 if x == "arch_latency_ms" else row[f"{x}_std"]
+
+
 def _points(ax, agg: pd.DataFrame, x: str, colours, markers, *, xerr: bool = True) -> None:
     for _, row in agg.iterrows():
-        xv, yv = row[f"{x}_mean"], row["student_acc_mean"]
+        xv, yv = row[_centre(x)], row["student_acc_mean"]
         if not (np.isfinite(xv) and np.isfinite(yv)):
             continue
-        ax.errorbar(xv, yv, yerr=_nan0(row["student_acc_std"]), xerr=_nan0(row[f"{x}_std"]) if xerr else None,
+        ax.errorbar(xv, yv, yerr=_nan0(row["student_acc_std"]), xerr=_nan0(_spread(row, x)) if xerr else None,
                     fmt=markers[row["student"]], color=colours[row["label"]], markersize=8, capsize=3, elinewidth=1.2,
                     markeredgecolor="white", markeredgewidth=0.6, zorder=3)
 
@@ -281,7 +293,7 @@ def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x
     _points(ax, agg, x, colours, markers)
     extra = []
     shown_teachers = teachers.dropna(subset=["teacher_acc"]) if "teacher_acc" in teachers else teachers.iloc[0:0]
-    xs = list(agg[f"{x}_mean"])
+    xs = list(agg[_centre(x)])
     if len(shown_teachers):
         with_x = teacher_x is not None and teacher_x in shown_teachers and shown_teachers[teacher_x].notna().any()
         if with_x:
@@ -296,7 +308,7 @@ def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x
     if front is not None and len(front):
         from matplotlib.lines import Line2D
 
-        fx, fy = front[f"{x}_mean"].to_numpy(), front["student_acc_mean"].to_numpy()
+        fx, fy = front[_centre(x)].to_numpy(), front["student_acc_mean"].to_numpy()
         ax.step(fx, fy, where="post", color="0.45", linestyle="--", linewidth=1.2, zorder=2)
         ax.scatter(fx, fy, s=260, facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=2)
         extra.append(Line2D([], [], color="0.45", linestyle="--", marker="o", markerfacecolor="none", markersize=12,
@@ -435,6 +447,12 @@ def _pm(mean: float, std: float, fmt: str = ".2f") -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}" if std is not None and np.isfinite(std) else f"{mean:{fmt}}"
 
 
+def _median_iqr(median: float, iqr: float) -> str:
+    if not np.isfinite(median):
+        return "–"
+    return f"{median:.3f} (IQR {iqr:.3f})" if np.isfinite(iqr) else f"{median:.3f}"
+
+
 def _seconds(value: float) -> str:
     if value is None or not np.isfinite(value):
         return "–"
@@ -446,7 +464,7 @@ def table_rows(agg: pd.DataFrame, show_best: bool) -> tuple[list[str], list[list
     header = ["pair", "method", "data", "seeds ok", "final acc %"]
     if show_best:
         header.append("best-on-test acc % (paper protocol)")
-    header += ["params", "MACs", "latency ms (CPU, b=1, per student arch)", "distill s", "real samples",
+    header += ["params", "MACs", "latency ms (CPU, b=1, median per student arch)", "distill s", "real samples",
                "teacher queries"]
     agg = agg.sort_values(["pair", "student_acc_mean", "label"], ascending=[True, False, True], na_position="last")
     best = agg.groupby("pair")["student_acc_mean"].transform("max")
@@ -456,7 +474,7 @@ def table_rows(agg: pd.DataFrame, show_best: bool) -> tuple[list[str], list[list
         cells = [row["pair"], row["label"], row["data_access"], f"{row['n_ok']}/{row['n_total']}", acc]
         if show_best:
             cells.append(_pm(row["student_acc_best_mean"], row["student_acc_best_std"]))
-        cells += [_si(row["params_mean"]), _si(row["macs_mean"]), _pm(row["arch_latency_ms_mean"], row["arch_latency_ms_std"], ".3f"),
+        cells += [_si(row["params_mean"]), _si(row["macs_mean"]), _median_iqr(row["arch_latency_ms_median"], row["arch_latency_ms_iqr"]),
                   _seconds(row["distill_seconds_mean"]), _si(row["real_samples_used_mean"]),
                   _si(row["teacher_queries_mean"])]
         rows.append(cells)
@@ -545,20 +563,20 @@ def _dataset_section(dataset, df, agg, teachers, curves, colours, markers, resul
         section.plots.append(plot)
 
     def has(column):
-        return len(ok) and ok[f"{column}_mean"].notna().any()
+        return len(ok) and ok[_centre(column)].notna().any()
 
     if not len(ok):
         section.skipped.append("no plots: every cell of this dataset failed")
         return section
     if has("arch_latency_ms"):
-        section.front = pareto_front(ok, "arch_latency_ms_mean", "student_acc_mean")
+        section.front = pareto_front(ok, "arch_latency_ms_median", "student_acc_mean")
         teacher_lat = "teacher_latency_ms" in tea and tea["teacher_latency_ms"].notna().any()
         threads = df.loc[df["dataset"] == dataset, "latency_threads"].dropna().unique()
         thread_text = f", {int(threads[0])} thread{'s' if threads[0] != 1 else ''}" if len(threads) == 1 else ""
         draw("tradeoff", "Accuracy vs CPU latency",
              "Final test accuracy (error bars: std over seeds) against CPU latency (batch 1, median) of the student "
-             "architecture: latency is pooled over every cell with the same student architecture (error bars: std "
-             "over those measurements), since the method only changes the weights. The dashed step line is the "
+             "architecture: latency is pooled over every cell with the same student architecture (the median, error "
+             "bars spanning the interquartile range of those measurements), since the method only changes the weights. The dashed step line is the "
              "Pareto front (no other point is both faster and more accurate). "
              + ("The star is the teacher." if teacher_lat else
                 "The teacher's accuracy is a horizontal line (runs.csv has no teacher latency)."),
@@ -744,7 +762,7 @@ def _html(results_dir, out, df, notes, sections, grid, colours) -> str:
             if s.front is not None and len(s.front):
                 body.append("<h3>Pareto front (accuracy vs CPU latency)</h3>")
                 front_rows = [[r["pair"], r["label"], r["data_access"], _pm(r["student_acc_mean"], r["student_acc_std"]),
-                               _pm(r["arch_latency_ms_mean"], r["arch_latency_ms_std"], ".3f")] for _, r in s.front.iterrows()]
+                               _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])] for _, r in s.front.iterrows()]
                 body.append(_html_table(["pair", "method", "data", "final acc %", "latency ms"], front_rows,
                                         colours=colours, label_col=1))
         body.append(f'<h3 id="table-{_slug(s.dataset)}">Pair × method</h3>')
@@ -831,7 +849,7 @@ def _markdown(results_dir, out, df, notes, sections, grid, colours) -> str:
                 out += ["**Pareto front** (accuracy vs CPU latency):", ""]
                 out.append(_md_table(["pair", "method", "data", "final acc %", "latency ms"],
                                      [[r["pair"], r["label"], r["data_access"], _pm(r["student_acc_mean"], r["student_acc_std"]),
-                                       _pm(r["arch_latency_ms_mean"], r["arch_latency_ms_std"], ".3f")] for _, r in s.front.iterrows()]))
+                                       _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])] for _, r in s.front.iterrows()]))
                 out.append("")
         out += ["### Pair × method", "",
                 "Sorted by final accuracy within each pair; bold: the best of the pair."
