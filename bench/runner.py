@@ -17,20 +17,20 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from bench.config import ConfigError
-from bench.data import DatasetInfo, load_dataset, to_float
+from bench.data import load_dataset, to_float
 from bench.grid import Cell, Grid, expand
 from bench.method import CountingTeacher, DataAccess, DistillContext, get_method
 from bench.metrics import count_flops, count_params, evaluate_accuracy, measure_latency, measure_throughput, peak_memory_mb, reset_peak_memory
 from bench.store import ResultsStore
 from bench.students import StudentContext, build_student, check_compatible
-from bench.teachers import Teacher, get_teacher, recipe_for, resolve_cache_dir
+from bench.teachers import Teacher, get_teacher, resolve_cache_dir
 from bench.config import from_mapping
 from bench.teachers import TeacherRecipe
 

@@ -7,7 +7,6 @@ runs share cached teachers; a changed recipe is a new key and a new teacher.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.config import ConfigError, from_mapping, to_dict
+from bench.config import from_mapping, to_dict
 from bench.data import ImageData, augment, iterate_batches, to_float
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model

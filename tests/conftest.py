@@ -26,3 +26,22 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_root() -> Path | None:
     return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits (upscaled to 32 px): real data for seconds-long runs."""
+    from bench.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def teacher(digits, cache_dir):
+    """The smoke grid's digits LeNet-5 teacher (same recipe and seed as tests/test_runner.py: one cache entry)."""
+    import torch
+
+    from bench.teachers import get_teacher, recipe_for
+
+    return get_teacher("digits", "lenet5", digits, torch.device("cpu"), seed=0,
+                       recipe=recipe_for("digits", {"epochs": 15}), cache_dir=cache_dir)

@@ -7,28 +7,15 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError
-from bench.data import load_dataset, to_float
+from bench.data import to_float
 from bench.method import CountingTeacher, DataAccess, DataAccessError, DistillContext, get_method
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model
-from bench.teachers import get_teacher, recipe_for
 from bench.training import schedule
 from methods.dafl import activation_loss, dafl_step, information_entropy_loss, one_hot_loss, student_loss
 from methods.generator import DAFLGenerator
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher(digits, cache_dir):
-    # The smoke grid's and tests/test_runner.py's digits teacher (same recipe and seed: one cache entry).
-    return get_teacher("digits", "lenet5", digits, CPU, seed=0, recipe=recipe_for("digits", {"epochs": 15}),
-                       cache_dir=cache_dir)
 
 
 def _accuracy(model, data):

@@ -4,27 +4,14 @@ import json
 import pytest
 import torch
 
-from bench.data import load_dataset, to_float
+from bench.data import to_float
 from bench.method import CountingTeacher, DataAccess, DistillContext, get_method
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model
-from bench.teachers import get_teacher, recipe_for
 from methods.dream import ActivationMetadata, build_metadata, kmeans, principal_directions, sample_targets, synthesize
 from methods.image_priors import pixel_bounds
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher(digits, cache_dir):
-    # The smoke grid's and tests/test_runner.py's digits teacher (same recipe and seed: one cache entry).
-    return get_teacher("digits", "lenet5", digits, CPU, seed=0, recipe=recipe_for("digits", {"epochs": 15}),
-                       cache_dir=cache_dir)
 
 
 class RecordingContext(DistillContext):

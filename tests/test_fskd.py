@@ -15,13 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from bench.data import DatasetInfo, ImageData, load_dataset, to_float
+from bench.data import DatasetInfo, ImageData, to_float
 from bench.method import CountingTeacher, DataAccess, DataAccessError, DistillContext, get_method
 from bench.metrics import count_flops, count_params, evaluate_accuracy
 from bench.models import create_model
 from bench.pruning import build_pruned
 from bench.students import StudentContext, build_student
-from bench.teachers import get_teacher, recipe_for
 from methods.block_fitting import (NormalEquations, NotDerivedError, apply_q, fit_points, insert_q, merge_q,
                                    solve_q)
 from tests.test_pruning import example, make_teacher
@@ -148,17 +147,6 @@ def test_solve_tolerates_a_dead_channel():
 
 # ---------------------------------------------------------------------------------------------
 # FSKD on a real pruned teacher
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher(digits, cache_dir):
-    # The smoke grid's and test_runner's quick digits teacher (same recipe, same key: trained once per session).
-    return get_teacher("digits", "lenet5", digits, CPU, recipe=recipe_for("digits", {"epochs": 15}), cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")

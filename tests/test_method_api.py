@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from bench.config import ConfigError
-from bench.data import load_dataset
 from bench.method import (DataAccess, DataAccessError, DistillContext, NonFiniteError, PluginError, get_method,
                           list_methods, load_plugin)
 
 BUILTINS = {"kd", "kd_noise", "kd_alt", "student_only"}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _ctx(data, access, tmp_path, few_limit=None):
