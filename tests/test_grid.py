@@ -102,3 +102,12 @@ def test_example_study_grids_expand():
     assert studies
     for path in studies:
         assert expand(load_grid(str(path))), path
+
+
+def test_the_readme_grid_example_is_valid(tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"## Grids\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    cells = expand(load_grid(_write(tmp_path, example)))
+    assert {c.method for c in cells if c.student == "lenet5_half"} == {"kd", "kd_alt", "dafl"}
