@@ -45,3 +45,14 @@ def teacher(digits, cache_dir):
 
     return get_teacher("digits", "lenet5", digits, torch.device("cpu"), seed=0,
                        recipe=recipe_for("digits", {"epochs": 15}), cache_dir=cache_dir)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine they spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,13 +12,7 @@ from bench.metrics import (count_flops, count_params, evaluate_accuracy, measure
 from bench.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine they spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:

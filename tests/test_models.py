@@ -9,13 +9,7 @@ from bench.metrics import count_flops, count_params
 from bench.models import Classifier, create_model, features_and_logits, list_models, register_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine they spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILTIN = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
