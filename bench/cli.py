@@ -43,7 +43,7 @@ def main() -> None:
       bench run --grid quick              # Fashion-MNIST, every method, 2 seeds (~20 min on 2 CPU cores)
       bench report results/quick          # the accuracy-vs-latency report
       bench list methods                  # what can be run
-      bench run --grid quick --plugin my_method.py
+      bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
     """
 
 
@@ -91,7 +91,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
       bench run --grid smoke                       # seconds: digits, tiny models, every method
       bench run --grid quick --device auto         # Fashion-MNIST, ~20 min on 2 CPU cores
       bench run --grid my_grid.yaml --out results/mine --rerun-failed
-      bench run --grid quick --plugin examples/my_method.py
+      bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
       bench run --grid full --executor ray --address auto --gpus-per-cell 1   # on a Ray cluster
     """
     from bench.grid import load_grid

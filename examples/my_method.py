@@ -1,6 +1,6 @@
 """An example plugin: KD on uniformly random inputs, in one file.
 
-Run it with:  bench run --grid smoke --plugin examples/my_method.py
+Run it with:  bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
 It appears in runs.csv as the method ``uniform_kd``, beside the built-in ones.
 """
 from dataclasses import dataclass
