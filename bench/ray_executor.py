@@ -164,8 +164,13 @@ def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "
     started_here = not ray.is_initialized()
     if started_here:
         env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("DFKD_")}}
-        ray.init(address=ray_opts.address, num_cpus=ray_opts.num_cpus if ray_opts.address is None else None,
-                 include_dashboard=False, log_to_driver=False, runtime_env=env, configure_logging=False)
+        try:
+            ray.init(address=ray_opts.address, num_cpus=ray_opts.num_cpus if ray_opts.address is None else None,
+                     include_dashboard=False, log_to_driver=False, runtime_env=env, configure_logging=False)
+        except Exception as exc:  # no cluster at --address, a bad address, Ray failing to start
+            store.unlock()
+            where = f"join the Ray cluster at --address {ray_opts.address!r}" if ray_opts.address else "start a local Ray instance"
+            raise ConfigError(f"cannot {where}: {type(exc).__name__}: {exc}") from None
     resources = dict(num_cpus=ray_opts.cpus_per_cell, num_gpus=ray_opts.gpus_per_cell, max_retries=ray_opts.retries)
     teacher_task = ray.remote(prepare_teacher).options(**resources)
     student_task = ray.remote(prepare_student).options(**resources)
