@@ -25,7 +25,6 @@ Plugins named with ``--plugin`` or in the grid are re-imported in every worker (
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from bench.config import ConfigError
 from bench.grid import Cell, Grid, expand
-from bench.runner import RunOptions, RunSummary, Runner, base_row, cells_to_run, resolve_device, write_grid_json
+from bench.runner import RunOptions, RunSummary, Runner, base_row, cells_to_run, resolve_device, teacher_identity, write_grid_json
 from bench.store import ResultsStore
 
 
@@ -136,11 +135,6 @@ def _unpack(archive: bytes, folder: Path) -> None:
 # the driver
 
 
-def _teacher_key(cell: Cell) -> tuple:
-    return (cell.dataset, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True), cell.teacher_seed,
-            cell.teacher_checkpoint)
-
-
 def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "auto",
              plugins: list[str] = ()) -> RunSummary:
     """Run ``grid`` on Ray; same resume semantics and results as :meth:`bench.runner.Runner.run`."""
@@ -180,7 +174,7 @@ def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "
     students: dict[tuple, Any] = {}
     pending: dict[Any, Cell] = {}
     for cell in todo:
-        tkey = _teacher_key(cell)
+        tkey = teacher_identity(cell)
         if tkey not in teachers:
             teachers[tkey] = teacher_task.remote(opts, device, cell)
         ready = [teachers[tkey]]

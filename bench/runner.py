@@ -143,6 +143,12 @@ def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str) -> 
                                                "cell_ids": [c.cell_id for c in cells], "executor": executor}, indent=2))
 
 
+def teacher_identity(cell: Cell) -> tuple:
+    """What makes a cell's teacher: cells sharing it share one trained (or loaded) teacher."""
+    return (cell.dataset, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True), cell.teacher_seed,
+            cell.teacher_checkpoint)
+
+
 def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> list[Cell]:
     """Resume logic shared by every executor: missing cells, plus failed ones with ``rerun_failed``, or all with ``force``."""
     todo = []
@@ -166,8 +172,7 @@ class Runner:
         return load_dataset(name, root=self.options.data_root, device=self.options.device)
 
     def teacher(self, cell: Cell) -> Teacher:
-        key = (cell.dataset, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True), cell.teacher_seed,
-               cell.teacher_checkpoint)
+        key = teacher_identity(cell)
         if key not in self._teachers:
             data = self.data(cell.dataset)
             recipe = from_mapping(TeacherRecipe, cell.teacher_recipe, "teacher_recipe")
