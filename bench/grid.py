@@ -23,8 +23,10 @@ from bench.models import list_models
 from bench.students import check_spec
 from bench.teachers import recipe_for
 
-# Bump when a change to the harness makes earlier results incomparable; part of every cell_id.
-PROTOCOL_VERSION = 1
+# Bump when a change makes earlier results incomparable; part of every cell_id, so a bump re-runs every cell.
+# 2: DAFL trains in channels_last on CPU too (other numerics), latency is timed on a contiguous copy,
+#    runs.csv gained the amp column.
+PROTOCOL_VERSION = 2
 
 
 @dataclass
@@ -43,6 +45,7 @@ class MethodEntry:
     preset: str | None = None  # default: the method's preset for the dataset
     budget: float | None = None  # default: the grid's budget
     label: str | None = None  # display name when one method appears with several settings
+    amp: bool | None = None  # default: the grid's amp
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Grid:
     teacher_seed: int = 0
     teacher_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: recipe overrides
     plugins: list[str] = field(default_factory=list)
-    amp: bool = False  # bf16 autocast on CUDA where a method supports it
+    amp: bool = False  # bf16 autocast where a method supports it (CUDA, or a CPU with native bf16)
     latency_threads: int = 1
     description: str = ""
 
@@ -185,7 +188,7 @@ def expand(grid: Grid, where: str = "grid") -> list[Cell]:
                                 teacher_checkpoint=pair.teacher_checkpoint, teacher_recipe=to_dict(recipe),
                                 teacher_seed=grid.teacher_seed, method=entry.name, label=entry.label or entry.name,
                                 preset=preset, params=to_dict(config), seed=seed,
-                                budget=entry.budget if entry.budget is not None else grid.budget, amp=grid.amp,
+                                budget=entry.budget if entry.budget is not None else grid.budget, amp=grid.amp if entry.amp is None else entry.amp,
                                 latency_threads=grid.latency_threads, cell_id="")
                     blob = json.dumps({"protocol": PROTOCOL_VERSION, **cell.identity()}, sort_keys=True)
                     cells.append(Cell(**{**cell.__dict__, "cell_id": hashlib.sha256(blob.encode()).hexdigest()[:12]}))

@@ -243,6 +243,20 @@ class CountingTeacher(nn.Module):
 # the context
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively, so bf16 autocast speeds it up instead of emulating.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: oneDNN's bf16 kernels need AVX512-BF16 or AMX
+    (e.g. AMD Zen 4, Intel Sapphire Rapids); elsewhere bf16 on the CPU is emulated and slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 class NonFiniteError(FloatingPointError):
     """A logged loss became NaN or infinite."""
 
@@ -257,7 +271,7 @@ class DistillContext:
     budget: float
     seed: int
     out_dir: Path
-    amp: bool = False  # bf16 autocast allowed (CUDA only)
+    amp: bool = False  # bf16 autocast allowed (where the device computes bf16 natively: see amp_active)
     few_limit: int | None = None
     data_root: Path | None = None  # where official dataset files are looked up (alternative data)
     on_log: Callable[[int, dict[str, float]], None] | None = None
@@ -289,10 +303,14 @@ class DistillContext:
         """``paper_count`` iterations (or epochs) scaled by the grid's budget, at least 1."""
         return max(1, round(paper_count * self.budget))
 
+    @property
+    def amp_active(self) -> bool:
+        """The grid allows bf16 autocast and this device computes bf16 natively (:func:`native_bf16`)."""
+        return self.amp and native_bf16(self.device)
+
     def autocast(self):
-        """bf16 autocast on CUDA when the grid allows it; a no-op elsewhere."""
-        enabled = self.amp and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast when :attr:`amp_active`; a no-op elsewhere."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp_active)
 
     # ---- data, only as declared
     def _require(self, *allowed: DataAccess, what: str) -> None:

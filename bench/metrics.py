@@ -104,8 +104,9 @@ def evaluate_accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor,
 
 
 def _timed_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """A deep copy of ``model`` on ``device`` in eval mode (the caller's model is left untouched)."""
-    return copy.deepcopy(model).to(device).eval()
+    """A deep copy of ``model`` on ``device`` in eval mode, in the default memory format (so a method's
+    training-time layout, e.g. channels_last, does not change the timings); the caller's model is untouched."""
+    return copy.deepcopy(model).to(device).to(memory_format=torch.contiguous_format).eval()
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, threads: int = 1,

@@ -254,7 +254,7 @@ class Runner:
                 flops=flops, macs=macs, latency_ms=round(latency, 4), latency_iqr_ms=round(iqr, 4),
                 throughput=round(measure_throughput(student, input_shape, device=opts.device,
                                                     min_run_time=opts.latency_min_run_time), 1),
-                iterations=sum(iterations),
+                iterations=sum(iterations), amp=ctx.amp_active,
             )
         except KeyboardInterrupt:
             raise

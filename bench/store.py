@@ -24,7 +24,7 @@ COLUMNS = [
     "budget", "data_access", "real_samples_used", "teacher_access", "teacher_queries", "teacher_acc",
     "student_acc", "student_acc_best", "best_protocol", "params", "flops", "macs", "teacher_params",
     "teacher_macs", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
-    "distill_seconds", "iterations", "peak_mem_mb", "device", "cpu", "torch", "git_commit", "started", "finished", "method_params",
+    "distill_seconds", "iterations", "peak_mem_mb", "device", "amp", "cpu", "torch", "git_commit", "started", "finished", "method_params",
 ]
 
 

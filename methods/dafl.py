@@ -128,7 +128,9 @@ class DAFLConfig(TrainConfig):
     eval_every: int = 120  # test-set evaluation every N iterations (official: every epoch); 0 = only at the end
     log_every: int = 50  # training-curve points (each one syncs with the device)
     samples: int = 64  # generated images saved to samples.png (0: none)
-    channels_last: bool = True  # CUDA only: generator and student in channels_last
+    # generator and student in channels_last while training (the student is returned contiguous). Faster
+    # on CPU too (oneDNN): x1.3 at width 64 / batch 128, x2.3 at width 128 / batch 128, fp32, 2 cores.
+    channels_last: bool = True
     compile: bool = False  # torch.compile the generator and the student
 
     def validate(self) -> None:
@@ -158,7 +160,7 @@ class DAFL(Method):
         cfg, info, device = self.config, ctx.info, ctx.device
         plan = schedule(cfg, ctx.budget, info.train_size)  # iters_per_epoch fixed: dataset size unused
         generator = DAFLGenerator(cfg.latent_dim, info.image_size, info.channels, cfg.gen_width).to(device)
-        if cfg.channels_last and device.type == "cuda":
+        if cfg.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
             student = student.to(memory_format=torch.channels_last)
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
@@ -177,8 +179,11 @@ class DAFL(Method):
 
             last = it == plan.total
             if it % cfg.log_every == 0 or last:
-                values = torch.stack(list(losses.values())).detach().tolist()  # one sync
-                ctx.log(it, **dict(zip(losses, values)), lr_s=sched_s.get_last_lr()[0])
+                # sample_std: per-pixel std across the batch, averaged; ~0 means the generator has collapsed
+                # to one image (at a small batch and lr_G 0.2 this happens, and is permanent: Tanh saturates)
+                logged = {**losses, "sample_std": x.detach().float().std(dim=0).mean()}
+                values = torch.stack(list(logged.values())).detach().tolist()  # one sync
+                ctx.log(it, **dict(zip(logged, values)), lr_s=sched_s.get_last_lr()[0])
             if (cfg.eval_every and it % cfg.eval_every == 0) or last:
                 ctx.evaluate(student, it)  # eval mode inside; train mode restored
 
@@ -189,4 +194,4 @@ class DAFL(Method):
             save_image_grid(x[:n], ctx.out_dir / "samples.png", info.mean, info.std,
                             titles=[f"T: {k}" for k in labels],
                             title=f"DAFL samples, iteration {plan.total} ({info.name}; teacher's class)")
-        return student
+        return student.to(memory_format=torch.contiguous_format)

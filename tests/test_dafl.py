@@ -228,11 +228,14 @@ def test_short_dafl_run_on_digits_improves_the_student_without_real_data(digits,
     ctx.close()
     after = _accuracy(student.eval(), digits)
     assert after >= before + 20, (before, after)
+    # trained in channels_last (cfg.channels_last), deployed in the default layout
+    assert all(p.is_contiguous() for p in student.parameters())
     assert ctx.real_samples_used == 0
     assert counted.queries == 60 * 64  # one teacher forward per iteration (evaluation uses the student only)
     assert [step for step, _ in ctx.evaluations] == [30, 60] and ctx.best_acc >= after
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
     logged = [row for row in curve if "loss_g" in row]
     assert [row["step"] for row in logged] == [20, 40, 60]
-    assert all(k in logged[0] for k in ("loss_oh", "loss_a", "loss_ie", "loss_s", "lr_s"))
+    assert all(k in logged[0] for k in ("loss_oh", "loss_a", "loss_ie", "loss_s", "lr_s", "sample_std"))
+    assert all(row["sample_std"] > 0.05 for row in logged)  # varied images, not one collapsed image
     assert (tmp_path / "samples.png").stat().st_size > 0

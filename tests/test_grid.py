@@ -50,6 +50,17 @@ def test_cells_and_ids(tmp_path):
     assert not ({c.cell_id for c in changed if c.method == "kd_noise"} & {c.cell_id for c in noise})
 
 
+def test_a_method_entry_can_turn_amp_on_for_itself_alone(tmp_path):
+    text = GOOD.replace("{name: kd_noise, params: {batch_size: 64}}", "{name: kd_noise, amp: true, params: {batch_size: 64}}")
+    cells = expand(load_grid(_write(tmp_path, text)))
+    assert {c.method: c.amp for c in cells} == {"kd": False, "kd_noise": True}
+    plain = {c.cell_id for c in expand(load_grid(_write(tmp_path, GOOD)))}
+    assert {c.cell_id for c in cells if c.method == "kd"} <= plain  # the grid default is unchanged
+    assert not ({c.cell_id for c in cells if c.method == "kd_noise"} & plain)  # amp is part of the identity
+    grid_on_entry_off = expand(load_grid(_write(tmp_path, text.replace("amp: true", "amp: false") + "amp: true\n")))
+    assert {c.method: c.amp for c in grid_on_entry_off} == {"kd": True, "kd_noise": False}
+
+
 @pytest.mark.parametrize("text, needle", [
     (GOOD.replace("[digits]", "[digitz]"), "unknown dataset 'digitz'; valid: "),
     (GOOD.replace("teacher: lenet5,", "teacher: lenet7,"), "unknown teacher model 'lenet7'"),

@@ -6,7 +6,7 @@ import torch
 
 from bench.config import ConfigError
 from bench.method import (DataAccess, DataAccessError, DistillContext, NonFiniteError, PluginError, get_method,
-                          list_methods, load_plugin)
+                          list_methods, load_plugin, native_bf16)
 
 BUILTINS = {"kd", "kd_noise", "kd_alt", "student_only"}
 
@@ -102,3 +102,19 @@ def test_broken_plugins_fail_clearly(tmp_path):
         load_plugin(str(bad))
     with pytest.raises(PluginError, match="no_such_module_abc"):
         load_plugin("no_such_module_abc")
+
+
+def test_amp_is_bf16_autocast_only_where_the_device_computes_bf16_natively(digits, tmp_path):
+    cpu = torch.device("cpu")
+    off = DistillContext(data=digits, data_access=DataAccess.NONE, device=cpu, budget=0.5, seed=0, out_dir=tmp_path)
+    on = DistillContext(data=digits, data_access=DataAccess.NONE, device=cpu, budget=0.5, seed=0, out_dir=tmp_path,
+                        amp=True)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    x = torch.randn(2, 1, 8, 8)
+    with off.autocast():
+        assert conv(x).dtype == torch.float32
+    assert not off.amp_active
+    assert on.amp_active == native_bf16(cpu)  # AVX512-BF16/AMX CPUs (e.g. this project's Zen 4): True
+    with on.autocast():
+        assert conv(x).dtype == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert native_bf16(torch.device("meta")) is False

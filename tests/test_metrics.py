@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.metrics import (count_flops, count_params, evaluate_accuracy, measure_latency, measure_throughput,
+from bench.metrics import (_timed_copy, count_flops, count_params, evaluate_accuracy, measure_latency, measure_throughput,
                            peak_memory_mb, reset_peak_memory)
 from bench.models import create_model
 
@@ -71,6 +71,15 @@ def test_measure_latency_positive_and_threads_restored():
     assert math.isfinite(iqr) and iqr >= 0
     assert torch.get_num_threads() == threads
     assert model.training  # the caller's model is untouched (a copy is timed)
+
+
+def test_timed_copies_use_the_default_memory_format():
+    model = create_model("lenet5_half", 10, 1, 32).to(memory_format=torch.channels_last)
+    conv_weights = [p for p in model.parameters() if p.dim() == 4]
+    assert not all(p.is_contiguous() for p in conv_weights)  # the test is meaningful
+    timed = _timed_copy(model, torch.device("cpu"))
+    assert all(p.is_contiguous() for p in timed.parameters())
+    assert not all(p.is_contiguous() for p in conv_weights)  # the caller's model is untouched
 
 
 def test_measure_throughput_positive():
