@@ -188,7 +188,8 @@ def expand(grid: Grid, where: str = "grid") -> list[Cell]:
                                 teacher_checkpoint=pair.teacher_checkpoint, teacher_recipe=to_dict(recipe),
                                 teacher_seed=grid.teacher_seed, method=entry.name, label=entry.label or entry.name,
                                 preset=preset, params=to_dict(config), seed=seed,
-                                budget=entry.budget if entry.budget is not None else grid.budget, amp=grid.amp if entry.amp is None else entry.amp,
+                                budget=entry.budget if entry.budget is not None else grid.budget,
+                                amp=entry.amp if entry.amp is not None else grid.amp,
                                 latency_threads=grid.latency_threads, cell_id="")
                     blob = json.dumps({"protocol": PROTOCOL_VERSION, **cell.identity()}, sort_keys=True)
                     cells.append(Cell(**{**cell.__dict__, "cell_id": hashlib.sha256(blob.encode()).hexdigest()[:12]}))

@@ -271,7 +271,7 @@ class DistillContext:
     budget: float
     seed: int
     out_dir: Path
-    amp: bool = False  # bf16 autocast allowed (where the device computes bf16 natively: see amp_active)
+    amp: bool = False  # bf16 autocast allowed (used where the device computes bf16 natively: amp_active)
     few_limit: int | None = None
     data_root: Path | None = None  # where official dataset files are looked up (alternative data)
     on_log: Callable[[int, dict[str, float]], None] | None = None
@@ -279,6 +279,8 @@ class DistillContext:
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
+        # the grid allows bf16 autocast and the device computes bf16 natively: decided once, not per autocast()
+        self.amp_active = self.amp and native_bf16(self.device)
         self.real_samples_used = 0
         self.best_acc: float | None = None
         self.evaluations: list[tuple[int, float]] = []
@@ -302,11 +304,6 @@ class DistillContext:
     def scaled(self, paper_count: int) -> int:
         """``paper_count`` iterations (or epochs) scaled by the grid's budget, at least 1."""
         return max(1, round(paper_count * self.budget))
-
-    @property
-    def amp_active(self) -> bool:
-        """The grid allows bf16 autocast and this device computes bf16 natively (:func:`native_bf16`)."""
-        return self.amp and native_bf16(self.device)
 
     def autocast(self):
         """bf16 autocast when :attr:`amp_active`; a no-op elsewhere."""
