@@ -224,6 +224,51 @@ def teachers_train(dataset, arch, seed, device, data_root, cache_dir):
 
 
 @main.command()
+@click.argument("cell_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@_common_paths
+@_fail_cleanly
+def evaluate(cell_dir, device, data_root, cache_dir):
+    """Rebuild the student a cell saved and print its test (and validation) accuracy.
+
+    CELL_DIR is a cell's folder, results/<grid>/cells/<cell_id>: its student.json says how to rebuild the
+    architecture (a zoo model, or a pruned teacher replayed from its pruning history), student.pt holds
+    the weights (loaded with weights_only=True). The accuracy equals the row's student_acc.
+
+    \b
+    Examples:
+      bench evaluate results/quick/cells/1f2e3d4c5b6a
+    """
+    import json
+
+    from bench.data import task_data
+    from bench.metrics import evaluate_accuracy
+    from bench.runner import load_saved_student, resolve_device
+    from bench.store import ResultsStore
+    from bench.transforms import to_float
+
+    config_path = cell_dir / "config.json"
+    if not config_path.is_file():
+        raise BenchError(f"{cell_dir} is not a cell folder of `bench run` (no config.json); give "
+                         f"results/<grid>/cells/<cell_id>")
+    config = json.loads(config_path.read_text())
+    model = load_saved_student(cell_dir)
+    if model is None:
+        raise BenchError(f"{cell_dir} holds no saved student (student.pt + student.json): the cell failed, or was run "
+                         f"by a version of dfkd-bench that did not save students; re-run it with `bench run --force`")
+    dev = resolve_device(device)
+    data = task_data(config["dataset"], root=data_root, device=dev, validation=config.get("validation"))
+    model = model.to(dev)
+    accuracy = lambda x, y: evaluate_accuracy(model, x, y, lambda xb: to_float(xb, data.info))  # noqa: E731
+    test = accuracy(data.test_x, data.test_y)
+    val = accuracy(data.val_x, data.val_y) if data.val_x is not None and data.val_x.shape[0] else None
+    row = ResultsStore(cell_dir.parent.parent).rows.get(cell_dir.name, {}) if (cell_dir.parent.parent / "runs.csv").is_file() else {}
+    click.echo(f"cell {cell_dir.name}: {config['method']} on {config['dataset']}, {config['teacher']} -> {config['student']}, "
+               f"seed {config['seed']}")
+    click.echo(f"test accuracy {test:.3f}%" + (f", validation accuracy {val:.3f}%" if val is not None else "")
+               + (f" (runs.csv: {row['student_acc']}%)" if row.get("student_acc") else ""))
+
+
+@main.command()
 @click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder [default: reports/<results dir name>].")

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"mapping of {tp.__name__} fields"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -36,8 +38,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, option, where)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+                takes_mapping = dataclasses.is_dataclass(option) or get_origin(option) is dict
+                if isinstance(value, Mapping) and takes_mapping:
+                    errors.append(exc)  # the value is a mapping: this option's complaint is the precise one
+        if errors:
+            raise errors[-1]
+        names = " | ".join(_type_name(a) for a in get_args(tp))
+        raise ConfigError(f"{where}: {value!r} is not a valid {names}")
     if tp is type(None):
         if value is None:
             return None

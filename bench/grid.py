@@ -1,12 +1,16 @@
 """Grids: YAML -> validated :class:`Grid` -> :class:`Cell` list, each with a stable ``cell_id``.
 
 A cell is one (dataset, teacher/student pair, method with its fully resolved hyperparameters, seed,
-budget). Its ``cell_id`` hashes exactly that, so re-running a grid skips finished cells and changing
-a hyperparameter makes a new cell. YAML is parsed with ``yaml.safe_load``; nothing in a grid runs code
-except the plugins it names.
+budget). Its ``cell_id`` hashes everything that changes a figure: that configuration, the validation
+split, the device type and the latency threads, and, through :class:`Provenance`, the content of the
+data (a fingerprint), of a user's teacher checkpoint, and of the code (the method's source and the
+harness's numerics, :mod:`bench.provenance`). Re-running a grid skips finished cells; changing a
+hyperparameter, a file or a method's code makes new cells. YAML is parsed with ``yaml.safe_load``;
+nothing in a grid runs code except the plugins it names.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -17,16 +21,13 @@ from typing import Any
 import yaml
 
 from bench.config import ConfigError, from_mapping, to_dict
-from bench.data import list_datasets
+from bench.data import DatasetMissingError, check_dataset_name, fingerprint, task_data
 from bench.method import get_method, load_plugin
-from bench.models import list_models
+from bench.models import MODELS
+from bench.monitor import Budget
+from bench.provenance import file_hash, harness_hash, method_source_hash
 from bench.students import check_spec
-from bench.teachers import recipe_for
-
-# Bump when a change makes earlier results incomparable; part of every cell_id, so a bump re-runs every cell.
-# 2: DAFL trains in channels_last on CPU too (other numerics), latency is timed on a contiguous copy,
-#    runs.csv gained the amp column.
-PROTOCOL_VERSION = 2
+from bench.teachers import recipe_for, teacher_code_hash
 
 
 @dataclass
@@ -43,7 +44,9 @@ class MethodEntry:
     name: str
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the method's Config fields
     preset: str | None = None  # default: the method's preset for the dataset
-    budget: float | None = None  # default: the grid's budget
+    # default: the grid's budget. A number is a fraction of the paper budget; a mapping may name a cap:
+    # {teacher_queries: N} | {seconds: S} | {student_steps: N} (and a fraction beside it)
+    budget: float | Budget | None = None
     label: str | None = None  # display name when one method appears with several settings
     amp: bool | None = None  # default: the grid's amp
 
@@ -55,23 +58,45 @@ class Grid:
     pairs: list[PairSpec]
     methods: list[MethodEntry]
     seeds: list[int] = field(default_factory=lambda: [0])
-    budget: float = 1.0  # fraction of each method's paper iteration budget
+    budget: float | Budget = 1.0  # fraction of each method's paper budget, or a mapping with caps (see MethodEntry)
     teacher_seed: int = 0
     teacher_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: recipe overrides
     plugins: list[str] = field(default_factory=list)
     amp: bool = False  # bf16 autocast where a method supports it (CUDA, or a CPU with native bf16)
     latency_threads: int = 1
+    # validation images held out of each training split (None: the dataset's documented default;
+    # 0: none, a paper's full-train protocol: no validation accuracy, no anytime curve)
+    validation: int | None = None
+    checkpoint_every: float = 300.0  # seconds between in-cell checkpoints (0: never); not part of the identity
     description: str = ""
 
     def validate(self) -> None:
-        if not (0 < self.budget <= 10):
-            raise ConfigError(f"budget must be in (0, 10], got {self.budget}")
         for key in ("datasets", "pairs", "methods", "seeds"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} must not be empty")
+        as_budget(self.budget, "budget")
         for entry in self.methods:
-            if entry.budget is not None and not (0 < entry.budget <= 10):
-                raise ConfigError(f"methods: {entry.name}: budget must be in (0, 10], got {entry.budget}")
+            if entry.budget is not None:
+                as_budget(entry.budget, f"methods: {entry.name}: budget")
+        if self.validation is not None and self.validation < 0:
+            raise ConfigError(f"validation must be >= 0 images (0: no validation split), got {self.validation}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0 seconds (0: never), got {self.checkpoint_every}")
+        if self.latency_threads < 1:
+            raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+
+
+def as_budget(value: float | Budget, where: str = "budget") -> Budget:
+    """A budget from a grid value: a fraction, or a :class:`Budget` (already validated by from_mapping)."""
+    if isinstance(value, Budget):
+        return value
+    budget = Budget(fraction=float(value))
+    try:
+        budget.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc} (a fraction of the paper budget, or a mapping with teacher_queries, "
+                          f"seconds or student_steps)") from None
+    return budget
 
 
 @dataclass(frozen=True)
@@ -88,14 +113,55 @@ class Cell:
     preset: str | None
     params: dict[str, Any]
     seed: int
-    budget: float
+    budget: dict[str, Any]  # a Budget as plain data
     amp: bool
     latency_threads: int
+    validation: int | None
+    checkpoint_every: float
+    provenance: dict[str, str]  # content hashes (data, checkpoint, code) and the device type, from Provenance
     cell_id: str
 
+    # not part of the identity: where results go, how a row is shown, how often to checkpoint
+    DISPLAY = ("grid", "label", "cell_id", "checkpoint_every")
+
     def identity(self) -> dict[str, Any]:
-        """Everything that defines the experiment (the grid name and display label do not)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("grid", "label", "cell_id", "latency_threads")}
+        """Everything that defines the experiment and its figures."""
+        return {k: v for k, v in self.__dict__.items() if k not in self.DISPLAY}
+
+    @property
+    def compute(self) -> Budget:
+        return Budget(**self.budget)
+
+
+class Provenance:
+    """Content hashes for cell identities: data fingerprints, checkpoint files, code; cached per process.
+
+    ``device`` is the device type the cells run on ("cpu", "cuda"): their numbers differ."""
+
+    def __init__(self, device: str = "cpu", data_root: str | Path | None = None):
+        self.device = str(device).split(":")[0]
+        self.data_root = data_root
+        self._data: dict[tuple[str, int | None], str] = {}
+
+    def data(self, dataset: str, validation: int | None) -> str:
+        key = (dataset, validation)
+        if key not in self._data:
+            try:
+                self._data[key] = fingerprint(task_data(dataset, self.data_root, "cpu", validation))
+            except DatasetMissingError:
+                self._data[key] = "missing"  # the cell fails with the loader's message when it runs
+        return self._data[key]
+
+    def checkpoint(self, path: str | None) -> str:
+        if path is None:
+            return ""
+        return file_hash(path) if Path(path).is_file() else f"missing:{path}"
+
+    def for_cell(self, cell: "Cell") -> dict[str, str]:
+        return {"data": self.data(cell.dataset, cell.validation), "teacher_checkpoint": self.checkpoint(cell.teacher_checkpoint),
+                "teacher_code": teacher_code_hash() if cell.teacher_checkpoint is None else "",
+                "method_code": method_source_hash(get_method(cell.method)), "harness_code": harness_hash(),
+                "device": self.device}
 
 
 def builtin_grids_dir() -> Path:
@@ -156,16 +222,18 @@ def check_name(value: str, valid: list[str], what: str, where: str, prefixes: tu
     raise ConfigError(f"{where}: unknown {what} {value!r}; valid: {', '.join(valid + extra)}")
 
 
-def expand(grid: Grid, where: str = "grid") -> list[Cell]:
-    """Every cell of ``grid`` with its resolved config and cell_id, in run order."""
-    datasets = list_datasets()
-    models = list_models()
+def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None) -> list[Cell]:
+    """Every cell of ``grid`` with its resolved config, in run order.
+
+    With ``provenance`` the ``cell_id`` covers the content hashes too (what ``bench run`` uses); without
+    it, only the configuration (enough to validate a grid and list its cells without reading data)."""
     cells = []
+    default_budget = as_budget(grid.budget, f"{where}: budget")
     for dataset in grid.datasets:
-        check_name(dataset, datasets, "dataset", f"{where}: datasets", ("imagefolder:",))
+        check_dataset_name(dataset, f"{where}: datasets")
         recipe = recipe_for(dataset, grid.teacher_recipe.get(dataset), f"{where}: teacher_recipe.{dataset}")
         for i, pair in enumerate(grid.pairs):
-            check_name(pair.teacher, models, "teacher model", f"{where}: pairs[{i}].teacher", ("timm:", "torchvision:"))
+            check_name(pair.teacher, MODELS.names(), "teacher model", f"{where}: pairs[{i}].teacher", ("timm:", "torchvision:"))
             check_spec(pair.student, f"{where}: pairs[{i}].student")
             unknown_data = sorted(set(pair.datasets or []) - set(grid.datasets))
             if unknown_data:
@@ -183,16 +251,20 @@ def expand(grid: Grid, where: str = "grid") -> list[Cell]:
                 method = get_method(entry.name)
                 preset, config = method.resolve_config(dataset, entry.preset, entry.params,
                                                        f"{where}: methods[{j}] ({entry.name}).params")
+                budget = as_budget(entry.budget, f"{where}: methods[{j}] ({entry.name}).budget") \
+                    if entry.budget is not None else default_budget
                 for seed in grid.seeds:
                     cell = Cell(grid=grid.name, dataset=dataset, teacher=pair.teacher, student=pair.student,
                                 teacher_checkpoint=pair.teacher_checkpoint, teacher_recipe=to_dict(recipe),
                                 teacher_seed=grid.teacher_seed, method=entry.name, label=entry.label or entry.name,
-                                preset=preset, params=to_dict(config), seed=seed,
-                                budget=entry.budget if entry.budget is not None else grid.budget,
+                                preset=preset, params=to_dict(config), seed=seed, budget=to_dict(budget),
                                 amp=entry.amp if entry.amp is not None else grid.amp,
-                                latency_threads=grid.latency_threads, cell_id="")
-                    blob = json.dumps({"protocol": PROTOCOL_VERSION, **cell.identity()}, sort_keys=True)
-                    cells.append(Cell(**{**cell.__dict__, "cell_id": hashlib.sha256(blob.encode()).hexdigest()[:12]}))
+                                latency_threads=grid.latency_threads, validation=grid.validation,
+                                checkpoint_every=grid.checkpoint_every, provenance={}, cell_id="")
+                    if provenance is not None:
+                        cell = dataclasses.replace(cell, provenance=provenance.for_cell(cell))
+                    blob = json.dumps(cell.identity(), sort_keys=True)
+                    cells.append(dataclasses.replace(cell, cell_id=hashlib.sha256(blob.encode()).hexdigest()[:12]))
     ids = [c.cell_id for c in cells]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

@@ -16,7 +16,11 @@ declared*, so a "data-free" number from this harness is data-free by constructio
             iterations: int = 1000      # paper budget; scaled by the grid's `budget`
 
         def distill(self, teacher, student, ctx):
-            ...
+            opt = torch.optim.Adam(student.parameters(), lr=self.config.lr)
+            ctx.track(opt=opt)                              # checkpointed with the student
+            for step in ctx.steps(ctx.scaled(self.config.iterations), "my_kd"):
+                ...                                         # one student update
+                ctx.log(step, loss=loss)                    # kept every log_every steps
             return student
 
 The harness never imports a specific method: built-ins are found by importing the ``methods``
@@ -40,8 +44,13 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
+from bench import monitor as _monitor
 from bench.config import ConfigError, from_mapping
-from bench.data import DatasetInfo, ImageData, augment, few_sample_indices, iterate_batches, load_images, to_float
+from bench.data import DATASETS, DatasetInfo, load_images
+from bench.lineage import Lineage
+from bench.monitor import Budget
+from bench.registry import Registry
+from bench.transforms import BatchStream, augment, to_float
 
 
 class DataAccess(str, enum.Enum):
@@ -52,11 +61,16 @@ class DataAccess(str, enum.Enum):
     FEW = "few"  # n samples of the training set (the method's `n_samples` config field)
     FULL = "full"  # the whole labelled training set
 
+    @property
+    def rank(self) -> int:
+        return list(DataAccess).index(self)
+
 
 class TeacherAccess(str, enum.Enum):
     """How a method uses the teacher (recorded in the results; not enforced)."""
 
     NONE = "none"  # no teacher (e.g. a student trained on labels)
+    WEIGHTS = "weights"  # starts from the teacher's weights (a student derived from it), queries it for nothing
     OUTPUTS = "outputs"  # logits only: a black-box teacher behind an API would do
     FEATURES = "features"  # inner activations
     GRADIENTS = "gradients"  # back-propagates through the teacher (white box)
@@ -87,7 +101,9 @@ class Method:
       presets: ``{preset_name: {field: value}}`` for per-dataset paper settings.
       preset_for_dataset: ``{dataset_name: preset_name}``; datasets not listed use the Config defaults.
       tracks_best: True where the paper's protocol reports the best test-set epoch; the method then
-        calls ``ctx.evaluate(student)`` at its evaluation points and the row gets ``student_acc_best``.
+        calls ``ctx.evaluate(student)`` at its evaluation points (it gets *validation* accuracy back) and
+        the harness records the best test accuracy at those points in ``student_acc_best``.
+      few_labels: a FEW method that reads the labels of its few samples (see :meth:`reads_labels`).
     """
 
     name: ClassVar[str] = ""
@@ -97,6 +113,7 @@ class Method:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     preset_for_dataset: ClassVar[dict[str, str]] = {}
     tracks_best: ClassVar[bool] = False
+    few_labels: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -120,6 +137,10 @@ class Method:
         Override to derive it from the dataset (e.g. a fraction of ``info.train_size``)."""
         return getattr(self.config, "n_samples", None)
 
+    def reads_labels(self) -> bool:
+        """Whether a FEW method reads the labels of its samples (override where the config decides)."""
+        return self.few_labels
+
     def distill(self, teacher: "CountingTeacher", student: nn.Module, ctx: "DistillContext") -> nn.Module:
         raise NotImplementedError
 
@@ -127,7 +148,7 @@ class Method:
 # ---------------------------------------------------------------------------------------------
 # registry and plugins
 
-_REGISTRY: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 _BUILTINS_LOADED = False
 
 
@@ -138,14 +159,13 @@ def register(name: str | None = None) -> Callable[[type[Method]], type[Method]]:
         key = name or cls.__name__.lower()
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register({key!r}) must decorate a subclass of bench.method.Method, got {cls!r}")
-        existing = _REGISTRY.get(key)
+        existing = METHODS._entries.get(key)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"method name {key!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, MethodConfig)):
             raise TypeError(f"{cls.__name__}.Config must be a @dataclass subclass of MethodConfig")
         cls.name = key
-        _REGISTRY[key] = cls
-        return cls
+        return METHODS.register(key, replace=True)(cls)  # a plugin re-imported in one process registers again
 
     return decorator
 
@@ -162,15 +182,14 @@ def _load_builtins() -> None:
 def get_method(name: str) -> type[Method]:
     """The registered method class ``name``; unknown names list the valid ones."""
     _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+    if name not in METHODS.names():
+        raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(METHODS.names())}")
+    return METHODS.get(name)
 
 
 def list_methods() -> dict[str, type[Method]]:
     _load_builtins()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(METHODS.items())
 
 
 class PluginError(ImportError):
@@ -208,33 +227,34 @@ def load_plugin(spec: str) -> None:
 
 
 class CountingTeacher(nn.Module):
-    """The frozen, eval-mode teacher, counting every image passed through it.
+    """The frozen, eval-mode teacher. Every image through it is a teacher query.
 
-    ``teacher_queries`` in the results is this count: for a data-free method, queries to the teacher
-    are its real cost. White-box methods reach layers through ``.module`` (forward hooks) but run
-    the teacher through this wrapper so that their queries are counted.
+    The count (``teacher_queries`` in the results: for a data-free method, queries to the teacher are
+    its real cost) is kept by the harness with a hook on the teacher's input layer, so forwards through
+    ``.module`` (for hooks on inner layers) count as well. ``queries`` reads it.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, counter: "_monitor.QueryCounter | None" = None):
         super().__init__()
         self.module = module.eval().requires_grad_(False)
-        self.queries = 0
+        self._counter = counter if counter is not None else _monitor.QueryCounter(module)
+
+    @property
+    def queries(self) -> int:
+        return self._counter.count
 
     def train(self, mode: bool = True) -> "CountingTeacher":
         # The teacher stays in eval mode whatever a method calls.
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.queries += x.shape[0]
         return self.module(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.queries += x.shape[0]
         return self.module.forward_features(x)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate feature and logits from one forward."""
-        self.queries += x.shape[0]
         features = self.module.forward_features(x)
         return features, self.module.forward_head(features)
 
@@ -261,53 +281,100 @@ class NonFiniteError(FloatingPointError):
     """A logged loss became NaN or infinite."""
 
 
-@dataclass
 class DistillContext:
-    """What the harness gives a method: device, data as declared, budget, logging, evaluation."""
+    """What the harness gives a method: metadata, data only as declared, the budget, the step loop, logging.
 
-    data: ImageData  # never handed out whole: methods go through the accessors below
-    data_access: DataAccess
-    device: torch.device
-    budget: float
-    seed: int
-    out_dir: Path
-    amp: bool = False  # bf16 autocast allowed (used where the device computes bf16 natively: amp_active)
-    few_limit: int | None = None
-    data_root: Path | None = None  # where official dataset files are looked up (alternative data)
-    on_log: Callable[[int, dict[str, float]], None] | None = None
-    on_phase: Callable[[str, int], None] | None = None
+    Built by the harness's Provision stage (:mod:`bench.provision`) from the method's declared access:
+    a NONE method's context holds the dataset's metadata and nothing else; ALT can load other datasets'
+    images (of another source); FEW holds exactly its n images (labels only if it declared it reads them);
+    FULL holds the training split. The validation and test splits are never in a context.
+    """
 
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
+    def __init__(self, *, info: DatasetInfo, data_access: DataAccess, device: torch.device, seed: int, out_dir: Path,
+                 budget: Budget | float = 1.0, amp: bool = False, data_root: Path | None = None,
+                 train: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 few: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 lineage: Lineage | None = None,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None,
+                 on_phase: Callable[[str, int], None] | None = None):
+        self.info = info
+        self.data_access = data_access
+        self.device = torch.device(device)
+        self.seed = seed
+        self.out_dir = Path(out_dir)
+        self.compute = budget if isinstance(budget, Budget) else Budget(fraction=float(budget))
+        self.data_root = data_root
+        self.lineage = lineage  # how a derived student came from the teacher (kept channels...), else None
+        self.generator = torch.Generator().manual_seed(seed)
         # the grid allows bf16 autocast and the device computes bf16 natively: decided once, not per autocast()
-        self.amp_active = self.amp and native_bf16(self.device)
+        self.amp_active = amp and native_bf16(self.device)
         self.real_samples_used = 0
-        self.best_acc: float | None = None
-        self.evaluations: list[tuple[int, float]] = []
-        self._few_indices: torch.Tensor | None = None
+        self._train = train
+        self._few = few
+        self._on_log, self._on_phase = on_log, on_phase
         self._curve = None
+        self._phase: tuple[int, int] | None = None  # (total, log_every) of the running ctx.steps loop
 
-    # ---- metadata
-    @property
-    def info(self) -> DatasetInfo:
-        return self.data.info
-
+    # ---- metadata and budget
     @property
     def num_classes(self) -> int:
-        return self.data.info.num_classes
+        return self.info.num_classes
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        i = self.data.info
-        return (i.channels, i.image_size, i.image_size)
+        return (self.info.channels, self.info.image_size, self.info.image_size)
+
+    @property
+    def budget(self) -> float:
+        """The fraction of the paper's budget (compute caps, if any, are enforced by :meth:`steps`)."""
+        return self.compute.fraction
 
     def scaled(self, paper_count: int) -> int:
-        """``paper_count`` iterations (or epochs) scaled by the grid's budget, at least 1."""
-        return max(1, round(paper_count * self.budget))
+        """``paper_count`` iterations (or epochs) scaled by the grid's budget fraction, at least 1."""
+        return max(1, round(paper_count * self.compute.fraction))
+
+    def plan_steps(self, total: int, queries_per_step: float | None = None) -> int:
+        """``total`` steps (already scaled) cut to the cell's caps where they are known in advance:
+        a student-step cap, and a teacher-query cap given the teacher queries one step makes. Build
+        length-dependent schedules (cosine, milestones) on this number. Under a seconds cap the method
+        keeps its nominal length and :meth:`steps` stops it when the time is up, wherever its schedule is."""
+        mon = _monitor.active()
+        return mon.plan(total, queries_per_step) if mon is not None else max(1, int(total))
 
     def autocast(self):
         """bf16 autocast when :attr:`amp_active`; a no-op elsewhere."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp_active)
+
+    # ---- the step loop
+    def steps(self, total: int, name: str, *, student: bool = True, log_every: int = 50) -> Iterator[int]:
+        """The method's loop: ``for step in ctx.steps(total, "kd"): ...`` yields 1..total.
+
+        The harness drives the progress bar, the logging cadence (see :meth:`log`), the compute caps (the
+        loop ends early, before a step would cross one), the anytime validation curve and the in-cell
+        checkpoints from here; after a resume the loop starts where the checkpoint left it.
+        ``student=False`` marks a loop that does not train the student (e.g. image synthesis): its steps
+        are not student steps."""
+        total = max(0, int(total))
+        mon = _monitor.active()
+        self._phase = (total, max(1, log_every))
+        try:
+            if mon is None:
+                self.phase(name, total)
+                yield from range(1, total + 1)
+            else:
+                yield from mon.steps(total, name, student, max(1, log_every))
+        finally:
+            self._phase = None
+
+    def track(self, **objects: Any) -> None:
+        """Register state that in-cell checkpoints save and restore: modules, optimisers, schedulers, batch
+        streams, pools, tensors (anything with ``state_dict``/``load_state_dict``). The student the method
+        received is tracked as ``student``; ``ctx.track(student=other)`` makes ``other`` the model the harness
+        evaluates on its anytime curve."""
+        mon = _monitor.active()
+        if mon is not None:
+            for name, obj in objects.items():
+                mon.track(name, obj)
 
     # ---- data, only as declared
     def _require(self, *allowed: DataAccess, what: str) -> None:
@@ -317,42 +384,58 @@ class DistillContext:
                 f"but this method declared data_access={self.data_access.value!r}")
 
     def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole labelled training set as (uint8 images, labels) on the device (FULL only)."""
+        """The labelled training split (without the validation split) as (uint8 images, labels) on the device (FULL only)."""
         self._require(DataAccess.FULL, what="train_data()")
-        self.real_samples_used = self.data.train_x.shape[0]
-        return self.data.train_x, self.data.train_y
+        assert self._train is not None
+        self.real_samples_used = self._train[0].shape[0]
+        return self._train
 
-    def train_batches(self, batch_size: int, *, augment_images: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless shuffled, augmented, normalised training batches (FULL only)."""
+    def train_batches(self, batch_size: int, *, augment_images: bool = True) -> BatchStream:
+        """Endless shuffled, augmented, normalised training batches (FULL only); checkpointed."""
         x, y = self.train_data()
-        while True:
-            for xb, yb in iterate_batches(x, y, batch_size, shuffle=True, generator=self.generator, drop_last=True):
-                yield self.prepare(xb, augment_images=augment_images), yb
+        return self.batches(x, y, batch_size, augment_images=augment_images)
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, *, augment_images: bool = False,
+                prepare: bool = True, shuffle: bool = True, drop_last: bool = True, name: str | None = None) -> BatchStream:
+        """Endless batches over tensors the method holds (few samples, alternative images, a pool):
+        reshuffled each epoch from ``ctx.generator``, uint8 images prepared (:meth:`prepare`) unless
+        ``prepare=False``; tracked for checkpoints under ``name`` (default: one per call)."""
+        transform = (lambda xb: self.prepare(xb, augment_images=augment_images)) if prepare else None
+        stream = BatchStream(x, y, batch_size, generator=self.generator, shuffle=shuffle, drop_last=drop_last,
+                             transform=transform)
+        self._streams = getattr(self, "_streams", 0) + 1
+        self.track(**{name or f"batches_{self._streams}": stream})
+        return stream
 
     def few_samples(self, n: int, *, labels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``n`` training images (uint8, on the device), the same ones on every call (FEW only).
+        """The first ``n`` of this method's few training images (uint8, on the device; FEW only).
 
-        Labels are returned only when asked for. Asking for more than the method's declared
-        ``n_samples`` raises :class:`DataAccessError`.
-        """
+        At most the method's declared ``n_samples``. Labels only when the method declared that it reads
+        them (:meth:`Method.reads_labels`)."""
         self._require(DataAccess.FEW, what="few_samples()")
-        if self.few_limit is None:
+        if self._few is None:
             raise DataAccessError("a FEW method must declare how many samples it reads (config field n_samples)")
-        if n > self.few_limit:
-            raise DataAccessError(f"few_samples({n}) asks for more than the declared n_samples={self.few_limit}")
-        if self._few_indices is None:
-            self._few_indices = few_sample_indices(self.data.train_y.cpu(), self.few_limit, seed=self.seed).to(self.data.train_x.device)
-        idx = self._few_indices[:n]
+        x, y = self._few
+        if n > x.shape[0]:
+            raise DataAccessError(f"few_samples({n}) asks for more than the declared n_samples={x.shape[0]}")
+        if labels and y is None:
+            raise DataAccessError("few_samples(labels=True): this method did not declare that it reads labels "
+                                  "(class attribute few_labels = True, or override Method.reads_labels)")
         self.real_samples_used = max(self.real_samples_used, n)
-        return self.data.train_x[idx], (self.data.train_y[idx] if labels else None)
+        return x[:n], (y[:n] if labels else None)
 
     def alt_images(self, dataset: str) -> torch.Tensor:
-        """The training images of another dataset (uint8, on the device), shaped like this one's (ALT only).
+        """The images of another dataset (uint8, on the device), shaped like this one's (ALT only).
 
-        The alternative set must differ from the teacher's own dataset."""
+        The alternative set must come from another *source* than the task (e.g. ``mnist_5k`` and
+        ``mnist_t10k`` are MNIST, so neither serves an MNIST teacher)."""
         self._require(DataAccess.ALT, what="alt_images()")
-        if dataset == self.info.name:
-            raise DataAccessError(f"alt_images({dataset!r}) would read the teacher's own training data")
+        if dataset not in DATASETS and not dataset.startswith("imagefolder:"):
+            raise ConfigError(f"alt_images({dataset!r}): unknown dataset; valid: {', '.join(DATASETS.names())}")
+        images_source = _source_of(dataset, self.data_root)
+        if dataset == self.info.name or images_source == self.info.source:
+            raise DataAccessError(f"alt_images({dataset!r}) would read images of the teacher's own source "
+                                  f"{self.info.source!r}; alternative data must come from another source")
         return load_images(dataset, like=self.info, root=self.data_root, device=self.device)
 
     def prepare(self, x_uint8: torch.Tensor, *, augment_images: bool = False) -> torch.Tensor:
@@ -366,17 +449,28 @@ class DistillContext:
 
     # ---- logging and evaluation
     def phase(self, name: str, total: int) -> None:
-        """Start a named phase of ``total`` steps (drives the progress bar)."""
-        if self.on_phase is not None:
-            self.on_phase(name, total)
+        """Start a named phase of ``total`` steps on the progress bar (``steps`` does this itself)."""
+        if self._on_phase is not None:
+            self._on_phase(name, total)
 
     def log(self, step: int, named: Mapping[str, float | torch.Tensor] | None = None, /,
             **scalars: float | torch.Tensor) -> None:
-        """Record scalars at ``step`` in the cell's training curve: ``ctx.log(it, loss=...)``, or
-        ``ctx.log(it, {"loss": ...})`` (the form :func:`bench.training.train` calls). Syncs with the
-        device: call at log points only. A NaN or infinite value fails the cell."""
-        scalars = {**(named or {}), **scalars}
-        values = {k: float(v.detach().float().item()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
+        """Record scalars at ``step`` in the cell's training curve: ``ctx.log(step, loss=...)``.
+
+        Inside a :meth:`steps` loop only every ``log_every``-th step and the last are kept, so a method
+        may call it every step; the kept ones sync with the device. Outside a loop every call is kept.
+        A NaN or infinite value fails the cell."""
+        if self._phase is not None:
+            total, every = self._phase
+            if step % every and step != total:
+                return
+        self._record(step, {**(named or {}), **scalars})
+
+    def _record(self, step: int, scalars: Mapping[str, float | torch.Tensor]) -> None:
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        values = dict(zip(tensors, torch.stack([t.detach().float().reshape(()) for t in tensors.values()]).tolist())) \
+            if tensors else {}
+        values = {k: values[k] if k in values else float(v) for k, v in scalars.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise NonFiniteError(f"non-finite {', '.join(bad)} at step {step}: {values}")
@@ -385,21 +479,29 @@ class DistillContext:
             self._curve = open(self.out_dir / "curve.jsonl", "a", encoding="utf-8")
         self._curve.write(json.dumps({"step": step, **values}) + "\n")
         self._curve.flush()
-        if self.on_log is not None:
-            self.on_log(step, values)
+        if self._on_log is not None:
+            self._on_log(step, values)
 
-    def evaluate(self, student: nn.Module, step: int | None = None) -> float:
-        """Test-set top-1 accuracy (percent), recorded for the paper protocol's best-on-test column."""
-        from bench.metrics import evaluate_accuracy
-
-        acc = evaluate_accuracy(student, self.data.test_x, self.data.test_y, lambda xb: to_float(xb, self.info))
-        self.evaluations.append((step if step is not None else len(self.evaluations), acc))
-        self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
-        if step is not None:
-            self.log(step, test_acc=acc)
+    def evaluate(self, student: nn.Module, step: int | None = None) -> float | None:
+        """Validation accuracy (percent) at the method's own evaluation point, for protocols that evaluate
+        per epoch; None without a validation split. For ``tracks_best`` methods the harness also records
+        the best *test* accuracy over these points (``student_acc_best``), which no method ever sees."""
+        mon = _monitor.active()
+        if mon is None:
+            return None
+        acc = mon.evaluate_for_method(student)
+        if step is not None and acc is not None:
+            self._record(step, {"val_acc": acc})
         return acc
 
     def close(self) -> None:
         if self._curve is not None:
             self._curve.close()
             self._curve = None
+
+
+def _source_of(dataset: str, root: Path | None) -> str:
+    """The image source of a registered dataset (loaded once; small sets only are ever alternative data)."""
+    from bench.data import load_dataset
+
+    return load_dataset(dataset, root=root, device="cpu").info.source or dataset

@@ -11,24 +11,19 @@ How each is measured (the report states it):
 - Latency: ``torch.utils.benchmark`` on CPU, batch 1, a fixed thread count, after a warm-up; median
   and inter-quartile range over the timed blocks, in milliseconds.
 - Throughput: images/s at batch N on the given device; ``torch.utils.benchmark`` synchronises CUDA.
-- Peak memory: CUDA allocator peak on CUDA, the process's peak resident set size on CPU.
+- Peak memory, per cell: CUDA allocator peak on CUDA; on CPU (Linux) the peak resident set size since
+  :func:`reset_peak_memory` lowered it to the current size (``/proc/self/clear_refs``), NaN where that cannot be reset.
 """
 from __future__ import annotations
 
 import copy
 import math
-import sys
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
-
-try:  # POSIX only
-    import resource
-except ImportError:  # Windows: no getrusage
-    resource = None  # type: ignore[assignment]
 
 __all__ = [
     "count_flops",
@@ -161,11 +156,23 @@ def _cuda_peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+_PROC_STATUS = "/proc/self/status"
+_PROC_CLEAR_REFS = "/proc/self/clear_refs"
+_cpu_reset_ok = False
+
+
 def _cpu_peak_mb(device: torch.device) -> float:
-    if resource is None:
+    """VmHWM (the peak resident set size) in MiB, if it was reset for this measurement; else NaN."""
+    if not _cpu_reset_ok:
         return math.nan
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return math.nan
 
 
 def _cuda_reset(device: torch.device) -> None:
@@ -173,7 +180,14 @@ def _cuda_reset(device: torch.device) -> None:
 
 
 def _cpu_reset(device: torch.device) -> None:
-    """The process's peak RSS cannot be reset: nothing to do."""
+    """Lower the process's peak RSS to its current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    global _cpu_reset_ok
+    try:
+        with open(_PROC_CLEAR_REFS, "w") as f:
+            f.write("5")
+        _cpu_reset_ok = True
+    except OSError:
+        _cpu_reset_ok = False
 
 
 _PEAK: dict[str, Callable[[torch.device], float]] = {"cuda": _cuda_peak_mb, "cpu": _cpu_peak_mb}
@@ -191,14 +205,13 @@ def peak_memory_mb(device: str | torch.device) -> float:
     """Peak memory in MiB since the last :func:`reset_peak_memory`.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors allocated by torch on that device). CPU: the
-    peak resident set size of the whole process since it started (``resource.getrusage``), which no
-    reset can lower; NaN where getrusage does not exist (Windows).
+    process's peak resident set size since the reset (Linux); NaN where the peak cannot be reset.
     """
     fn, device = _lookup(_PEAK, device)
     return fn(device)
 
 
 def reset_peak_memory(device: str | torch.device) -> None:
-    """Reset the peak that :func:`peak_memory_mb` reports (CUDA; a no-op on CPU, see there)."""
+    """Reset the peak that :func:`peak_memory_mb` reports (CUDA allocator; CPU RSS peak on Linux)."""
     fn, device = _lookup(_RESET, device)
     fn(device)

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from bench.registry import Registry
+
 __all__ = [
     "Classifier",
     "create_model",
@@ -39,9 +41,9 @@ __all__ = [
 
 ModelFn = Callable[[int, int, int], "Classifier"]
 
-_MODELS: dict[str, ModelFn] = {}
-# name prefix -> builder(rest_of_name, num_classes, in_channels, image_size)
-_PREFIXES: dict[str, Callable[[str, int, int, int], "Classifier"]] = {}
+# name -> fn(num_classes, in_channels, image_size); open forms ``timm:<name>`` / ``torchvision:<name>``
+# -> fn(rest_of_name, num_classes, in_channels, image_size)
+MODELS: Registry[Callable[..., "Classifier"]] = Registry("model")
 
 
 class Classifier(nn.Module):
@@ -77,46 +79,29 @@ def features_and_logits(model: Classifier, x: torch.Tensor) -> tuple[torch.Tenso
 
 def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
     """Decorator registering ``fn(num_classes, in_channels, image_size) -> Classifier`` as ``name``."""
-    if ":" in name:
-        raise ValueError(f"model name {name!r} must not contain ':' (reserved for {sorted(_PREFIXES)} forms)")
-
-    def decorator(fn: ModelFn) -> ModelFn:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
-        _MODELS[name] = fn
-        return fn
-
-    return decorator
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Names of the registered models (not the open ``timm:<name>`` / ``torchvision:<name>`` forms)."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, num_classes: int, in_channels: int, image_size: int) -> Classifier:
     """Build the model ``name`` (a registered name, ``timm:<name>`` or ``torchvision:<name>``), untrained.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones), bad sizes, or an input size the
-            architecture cannot take.
+        ValueError: unknown name (a :class:`~bench.config.ConfigError` listing the valid ones), bad
+            sizes, or an input size the architecture cannot take.
     """
     for what, value, minimum in (("num_classes", num_classes, 1), ("in_channels", in_channels, 1),
                                  ("image_size", image_size, 1)):
         if not isinstance(value, int) or value < minimum:
             raise ValueError(f"create_model({name!r}): {what} must be an int >= {minimum}, got {value!r}")
-    prefix, sep, rest = name.partition(":")
-    if sep:
-        if prefix + ":" not in _PREFIXES or not rest:
-            raise ValueError(f"unknown model {name!r}; valid: {_valid_names()}")
-        return _PREFIXES[prefix + ":"](rest, num_classes, in_channels, image_size)
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {_valid_names()}")
-    return _MODELS[name](num_classes, in_channels, image_size)
-
-
-def _valid_names() -> str:
-    return ", ".join(list_models() + [f"{p}<name>" for p in sorted(_PREFIXES)])
+    builder, rest = MODELS.resolve(name)
+    if rest is not None:
+        return builder(rest, num_classes, in_channels, image_size)
+    return builder(num_classes, in_channels, image_size)
 
 
 def _require_size(arch: str, image_size: int, *, exactly: int | None = None, at_least: int | None = None) -> None:
@@ -137,18 +122,25 @@ class LeNet5(Classifier):
     conv5(C->c1) ReLU maxpool2, conv5(c1->c2) ReLU maxpool2, conv5(c2->c3) ReLU -> feature (c3-d),
     head: FC c3->h ReLU FC h->classes. ``lenet5``: (6, 16, 120, 84), 61,706 params with C=1 and 10
     classes (~62K, DAFL Table 1); ``lenet5_half``: (3, 8, 60, 42), 15,738 params (~16K). 32x32 input.
+    ``batch_norm``: a BatchNorm2d after each conv, before its ReLU (``lenet5_bn``: the harness's BN
+    teacher for the methods that match BatchNorm statistics, which BN-free LeNet-5 cannot serve).
     """
 
-    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, int, int, int]) -> None:
+    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, int, int, int],
+                 batch_norm: bool = False) -> None:
         super().__init__()
         c1, c2, c3, hidden = widths
+        norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5)
+        self.bn1 = norm(c1)
         self.relu1 = nn.ReLU()
         self.maxpool1 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5)
+        self.bn2 = norm(c2)
         self.relu2 = nn.ReLU()
         self.maxpool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.conv3 = nn.Conv2d(c2, c3, kernel_size=5)
+        self.bn3 = norm(c3)
         self.relu3 = nn.ReLU()
         self.fc1 = nn.Linear(c3, hidden)
         self.relu4 = nn.ReLU()
@@ -156,25 +148,35 @@ class LeNet5(Classifier):
         self.feature_dim = c3
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool1(self.relu1(self.conv1(x)))
-        x = self.maxpool2(self.relu2(self.conv2(x)))
-        x = self.relu3(self.conv3(x))
+        x = self.maxpool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.maxpool2(self.relu2(self.bn2(self.conv2(x))))
+        x = self.relu3(self.bn3(self.conv3(x)))
         return torch.flatten(x, 1)
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.relu4(self.fc1(f)))
 
 
+LENET5_WIDTHS = (6, 16, 120, 84)
+
+
 @register_model("lenet5")
 def lenet5(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
     _require_size("lenet5", image_size, exactly=32)
-    return LeNet5(num_classes, in_channels, (6, 16, 120, 84))
+    return LeNet5(num_classes, in_channels, LENET5_WIDTHS)
 
 
 @register_model("lenet5_half")
 def lenet5_half(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
     _require_size("lenet5_half", image_size, exactly=32)
     return LeNet5(num_classes, in_channels, (3, 8, 60, 42))
+
+
+@register_model("lenet5_bn")
+def lenet5_bn(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
+    """LeNet-5 with BatchNorm after each conv (61,990 params with C=1, 10 classes): the BN teacher of the CPU grids."""
+    _require_size("lenet5_bn", image_size, exactly=32)
+    return LeNet5(num_classes, in_channels, LENET5_WIDTHS, batch_norm=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +450,7 @@ def _create_timm(name: str, num_classes: int, in_channels: int, image_size: int)
     return _checked(f"timm:{name}", TimmClassifier(model, feature_dim), in_channels, image_size)
 
 
-_PREFIXES["timm:"] = _create_timm
+MODELS.register("timm", prefix="<name>")(_create_timm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +521,7 @@ def _create_torchvision(name: str, num_classes: int, in_channels: int, image_siz
     return _checked(f"torchvision:{name}", TorchvisionClassifier(model, head), in_channels, image_size)
 
 
-_PREFIXES["torchvision:"] = _create_torchvision
+MODELS.register("torchvision", prefix="<name>")(_create_torchvision)
 
 
 def _checked(name: str, model: Classifier, in_channels: int, image_size: int) -> Classifier:

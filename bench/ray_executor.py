@@ -13,10 +13,13 @@ here and only when asked for. The plan, per run:
 3. Each cell is a task with declared resources (``--cpus-per-cell``, ``--gpus-per-cell``; Ray then
    sets ``OMP_NUM_THREADS`` and ``CUDA_VISIBLE_DEVICES`` for it). It runs
    :meth:`bench.runner.Runner.run_cell` into a scratch folder on the worker and returns its row
-   *and* its artefacts (config, training curve, sample images, error.txt) as bytes; the driver writes
-   the artefacts under ``<out>/cells/<cell_id>/`` and the row to runs.csv. Results therefore need no
-   shared filesystem, and runs.csv has one writer.
-4. A worker that dies (killed process, lost node) makes Ray retry its task up to ``--retries``
+   *and* its artefacts (config, training and anytime curves, sample images, the saved student,
+   error.txt) as bytes; the driver writes the artefacts under ``<out>/cells/<cell_id>/`` and the row
+   to runs.csv. Results therefore need no shared filesystem, and runs.csv has one writer. In-cell
+   checkpoints live in the worker's scratch folder: a retried task starts its cell afresh.
+4. When every task has finished, the driver runs the latency pass (:mod:`bench.latency`) itself, with
+   no cell training anywhere: each student architecture is timed once, in quiet.
+5. A worker that dies (killed process, lost node) makes Ray retry its task up to ``--retries``
    times; past that the cell is recorded as failed with Ray's error, and the grid goes on. Ctrl-C
    cancels the outstanding tasks; rows already written stay, and the next run resumes.
 
@@ -37,7 +40,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench.config import ConfigError
-from bench.grid import Cell, Grid, expand
+from bench.grid import Cell, Grid, Provenance, expand
 from bench.runner import RunOptions, RunSummary, Runner, base_row, cells_to_run, resolve_device, teacher_identity, write_grid_json
 from bench.store import ResultsStore
 
@@ -97,14 +100,11 @@ def prepare_teacher(opts: RunOptions, device: str, cell: Cell) -> str:
 
 def prepare_student(opts: RunOptions, device: str, cell: Cell, teacher_key: str) -> str:
     """Build the cell's derived student (e.g. a pruned teacher) into the shared cache."""
-    from bench.students import StudentContext, build_student
-    from bench.teachers import resolve_cache_dir
+    from bench.students import build_student
 
     runner = Runner(_worker_options(opts, device, opts.out))
     teacher = runner.teacher(cell)
-    info = runner.data(cell.dataset).info
-    build_student(cell.student, StudentContext(teacher=teacher.model, teacher_key=teacher.key, info=info,
-                                               cache_dir=resolve_cache_dir(opts.cache_dir), device=runner.options.device))
+    build_student(cell.student, runner.student_context(cell, teacher, runner.data(cell.dataset, cell.validation)))
     return teacher_key
 
 
@@ -144,12 +144,13 @@ def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "
     ray = import_ray()
     plugins = [str(Path(p).resolve()) if p.endswith(".py") or Path(p).exists() else p
                for p in [*plugins, *grid.plugins]]
-    cells = expand(grid)
+    cells = expand(grid, provenance=Provenance(resolve_device(device).type, opts.data_root))
     store = ResultsStore(opts.out).lock()
     write_grid_json(opts.out, grid, cells, "ray")
     todo = cells_to_run(cells, store, opts)
     summary = RunSummary(skipped=len(cells) - len(todo))
     if not todo:
+        summary.timed = Runner(replace(opts, progress=False)).time_architectures(store)
         store.unlock()
         return summary
     opts = replace(opts, cache_dir=Path(opts.cache_dir).resolve() if opts.cache_dir else None,
@@ -210,6 +211,8 @@ def run_grid(grid: Grid, opts: RunOptions, ray_opts: RayOptions, device: str = "
             running = min(len(pending), slots)
             bar.set_postfix_str(f"queued {len(pending) - running}, running {running}, done {len(summary.done)}, "
                                 f"failed {summary.failed}", refresh=True)
+        summary.timed = Runner(replace(opts, progress=False)).time_architectures(store)  # every task done: quiet
+        summary.done = [store.rows[r["cell_id"]] for r in summary.done]
     except KeyboardInterrupt:
         summary.interrupted = True
         for ref in pending:

@@ -1,38 +1,45 @@
 """Runs the cells of a grid on this machine: one at a time, each isolated, each one CSV row.
 
+Each cell runs as the harness's three stages (:mod:`bench.provision`): Provision (the method's context
+from its declared data access), Distill (the method's one call under the monitor: caps, anytime
+curve, in-cell checkpoints) and Measure (test and validation accuracy, params/MACs, the saved
+student). When every cell is done, the latency pass (:mod:`bench.latency`) times each student
+architecture once, in quiet, and fills those columns of every row.
+
 A cell that raises (or whose losses go NaN) is recorded as ``failed`` with its error, its traceback
 goes to ``cells/<cell_id>/error.txt``, and the grid goes on. Rows are written as cells finish, so an
-interrupted run loses at most the cell in flight, and the next run does only what is missing.
+interrupted run loses at most the cell in flight, and the next run does only what is missing; a cell
+killed mid-way resumes from its last in-cell checkpoint.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import random
 import statistics
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from bench.config import ConfigError
-from bench.data import load_dataset, to_float
-from bench.grid import Cell, Grid, expand
-from bench.method import CountingTeacher, DataAccess, DistillContext, get_method
-from bench.metrics import count_flops, count_params, evaluate_accuracy, measure_latency, measure_throughput, peak_memory_mb, reset_peak_memory
+from bench import provision
+from bench.config import ConfigError, from_mapping
+from bench.data import few_sample_indices, task_data
+from bench.grid import Cell, Grid, Provenance, expand
+from bench.latency import architecture_id, latency_pass
+from bench.lineage import StudentContext
+from bench.method import DataAccess, TeacherAccess, get_method
+from bench.metrics import count_flops, count_params
+from bench.models import create_model
+from bench.provenance import git_state
 from bench.store import ResultsStore
-from bench.students import StudentContext, build_student, check_compatible
-from bench.teachers import Teacher, get_teacher, resolve_cache_dir
-from bench.config import from_mapping
-from bench.teachers import TeacherRecipe
+from bench.students import build_student, check_compatible, is_derived, rebuild_student
+from bench.teachers import Teacher, TeacherRecipe, get_teacher, load_into, load_state_dict, resolve_cache_dir
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -47,21 +54,6 @@ def resolve_device(name: str) -> torch.device:
         build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise ConfigError(f"--device {name}: CUDA is not available ({build}, torch {torch.__version__}); use --device cpu or auto")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def cpu_name() -> str:
@@ -83,7 +75,7 @@ class RunOptions:
     force: bool = False
     rerun_failed: bool = False
     progress: bool = True
-    latency_min_run_time: float = 0.3
+    latency_min_run_time: float = 1.0
 
 
 @dataclass
@@ -92,6 +84,7 @@ class RunSummary:
     skipped: int = 0
     failed: int = 0
     interrupted: bool = False
+    timed: int = 0  # architectures timed by the latency pass
 
 
 class _Progress:
@@ -102,16 +95,23 @@ class _Progress:
         self.cells = tqdm(total=total, desc="cells", unit="cell", disable=not enabled, position=0, dynamic_ncols=True)
         self.inner = None
 
-    def phase(self, name: str, total: int) -> None:
+    def phase(self, name: str, total: int, done: int = 0) -> None:
         if self.inner is not None:
             self.inner.close()
-        self.inner = tqdm(total=total, desc=f"  {name}", unit="it", disable=not self.enabled, position=1, leave=False,
-                          dynamic_ncols=True)
+        self.inner = tqdm(total=total, initial=done, desc=f"  {name}", unit="it", disable=not self.enabled,
+                          position=1, leave=False, dynamic_ncols=True)
+
+    def step(self, step: int) -> None:
+        if self.inner is not None and step > self.inner.n:
+            self.inner.update(step - self.inner.n)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.inner is not None:
-            self.inner.update(step - self.inner.n)
+            self.step(step)
             self.inner.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
+
+    def note(self, text: str) -> None:
+        self.cells.set_postfix_str(text, refresh=True)
 
     def cell_done(self, label: str) -> None:
         if self.inner is not None:
@@ -126,27 +126,36 @@ class _Progress:
         self.cells.close()
 
 
+def budget_text(cell: Cell) -> str:
+    """The compute caps of a cell as text (``teacher_queries=30000``), "" when it has none."""
+    return ", ".join(f"{k}={v:g}" for k, v in cell.compute.caps.items())
+
+
 def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
     """The identity columns of a cell's row (what is known before it runs)."""
+    commit, dirty = git_state()
     return {
         "cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset, "teacher": cell.teacher,
         "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
-        "seed": cell.seed, "budget": cell.budget, "device": str(device), "cpu": cpu_name(),
-        "torch": torch.__version__, "git_commit": git_commit(), "latency_threads": cell.latency_threads,
+        "seed": cell.seed, "budget": cell.compute.fraction, "compute_cap": budget_text(cell),
+        "validation": "" if cell.validation is None else cell.validation,
+        "device": str(device), "cpu": cpu_name(), "torch": torch.__version__, "git_commit": commit,
+        "git_dirty": "" if dirty is None else dirty, "latency_threads": cell.latency_threads,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "method_params": json.dumps(cell.params, sort_keys=True),
     }
 
 
 def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str) -> None:
     """``grid.json``: the grid's name, description and current cell_ids (the report shows only those)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description, "cells": len(cells),
                                                "cell_ids": [c.cell_id for c in cells], "executor": executor}, indent=2))
 
 
 def teacher_identity(cell: Cell) -> tuple:
     """What makes a cell's teacher: cells sharing it share one trained (or loaded) teacher."""
-    return (cell.dataset, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True), cell.teacher_seed,
-            cell.teacher_checkpoint)
+    return (cell.dataset, cell.validation, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True),
+            cell.teacher_seed, cell.teacher_checkpoint)
 
 
 def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> list[Cell]:
@@ -159,22 +168,28 @@ def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> li
     return todo
 
 
+def effective_access(method_access: DataAccess, student_real_samples: int) -> DataAccess:
+    """A cell's data access: the method's, raised to FEW when its student was derived with real images."""
+    if student_real_samples and method_access.rank < DataAccess.FEW.rank:
+        return DataAccess.FEW
+    return method_access
+
+
 class Runner:
     """Runs cells; caches datasets and teachers across the cells of one run."""
 
     def __init__(self, options: RunOptions):
         self.options = options
         self._teachers: dict[tuple, Teacher] = {}
-        self._teacher_latency: dict[tuple, float] = {}
         self.progress: _Progress | None = None
 
-    def data(self, name: str):
-        return load_dataset(name, root=self.options.data_root, device=self.options.device)
+    def data(self, name: str, validation: int | None = None):
+        return task_data(name, root=self.options.data_root, device=self.options.device, validation=validation)
 
     def teacher(self, cell: Cell) -> Teacher:
         key = teacher_identity(cell)
         if key not in self._teachers:
-            data = self.data(cell.dataset)
+            data = self.data(cell.dataset, cell.validation)
             recipe = from_mapping(TeacherRecipe, cell.teacher_recipe, "teacher_recipe")
             progress = self.progress
             on_train = (lambda total: progress.phase(f"teacher {cell.teacher} on {cell.dataset}", total)) if progress else None
@@ -184,13 +199,14 @@ class Runner:
                                               checkpoint=cell.teacher_checkpoint, log=log, on_train=on_train)
         return self._teachers[key]
 
-    def teacher_latency(self, teacher: Teacher, input_shape: tuple[int, ...], threads: int) -> float:
-        """The teacher's CPU batch-1 latency (ms, median), measured once per run: the report's reference point."""
-        key = (teacher.key, input_shape, threads)
-        if key not in self._teacher_latency:
-            self._teacher_latency[key] = round(measure_latency(teacher.model, input_shape, threads=threads,
-                                                               min_run_time=self.options.latency_min_run_time)[0], 4)
-        return self._teacher_latency[key]
+    def student_context(self, cell: Cell, teacher: Teacher, data) -> StudentContext:
+        def real_images(n: int) -> torch.Tensor:  # a search's fitness images: a seeded draw reading no label
+            idx = few_sample_indices(data.train_y.cpu(), n, seed=cell.teacher_seed, stratified=False)
+            return data.train_x[idx.to(data.train_x.device)]
+
+        return StudentContext(teacher=teacher.model, teacher_key=teacher.key, teacher_arch=cell.teacher, info=data.info,
+                              cache_dir=resolve_cache_dir(self.options.cache_dir), device=self.options.device,
+                              real_images=real_images, seed=cell.teacher_seed)
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Run one cell and return its row; never raises except on KeyboardInterrupt."""
@@ -198,80 +214,94 @@ class Runner:
         cell_dir = opts.out / "cells" / cell.cell_id
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / "config.json").write_text(json.dumps(cell.__dict__, indent=2, sort_keys=True))
-        (cell_dir / "curve.jsonl").unlink(missing_ok=True)
+        if not provision.has_checkpoint(cell_dir):  # a fresh start; a checkpoint resumes with its curve
+            for name in ("curve.jsonl", "anytime.jsonl"):
+                (cell_dir / name).unlink(missing_ok=True)
         (cell_dir / "error.txt").unlink(missing_ok=True)
-        method_cls = None
         row = base_row(cell, opts.device)
-        ctx = None
+        token = None
         try:
             method_cls = get_method(cell.method)
-            row.update(data_access=method_cls.data_access.value, teacher_access=method_cls.teacher_access.value)
-            data = self.data(cell.dataset)
+            data = self.data(cell.dataset, cell.validation)
             teacher = self.teacher(cell)
             info = data.info
             input_shape = (info.channels, info.image_size, info.image_size)
             row.update(teacher_acc=teacher.accuracy, teacher_params=count_params(teacher.model),
                        teacher_macs=count_flops(teacher.model, input_shape)[1],
-                       teacher_latency_ms=self.teacher_latency(teacher, input_shape, cell.latency_threads))
+                       teacher_arch_id=architecture_id(teacher.model), input_shape=json.dumps(list(input_shape)),
+                       num_classes=info.num_classes, validation=int(data.val_x.shape[0]))
 
-            seed_everything(cell.seed)
-            student = build_student(cell.student, StudentContext(teacher=teacher.model, teacher_key=teacher.key, info=info,
-                                                                 cache_dir=resolve_cache_dir(opts.cache_dir), device=opts.device))
-            check_compatible(teacher.model, student, info, opts.device)
+            provision.seed_everything(cell.seed)
+            student = build_student(cell.student, self.student_context(cell, teacher, data))
+            check_compatible(teacher.model, student.model, info, opts.device)
             method = method_cls(method_cls.resolve_config(cell.dataset, cell.preset, cell.params)[1])
-            counted = CountingTeacher(teacher.model)
-            iterations = []
+            cost = student.lineage.cost if student.lineage else None
+            search_samples = cost.real_samples if cost else 0
+            access = effective_access(method_cls.data_access, search_samples)
+            teacher_access = method_cls.teacher_access
+            if student.lineage is not None and teacher_access is TeacherAccess.NONE:
+                teacher_access = TeacherAccess.WEIGHTS  # a derived student starts from the teacher's weights
+            row.update(data_access=access.value, teacher_access=teacher_access.value)
+
+            token = provision.seal(data)
             progress = self.progress
-
-            def on_phase(name: str, total: int) -> None:
-                iterations.append(total)
-                if progress:
-                    progress.phase(f"{cell.label}: {name}", total)
-
-            ctx = DistillContext(data=data, data_access=method_cls.data_access, device=opts.device, budget=cell.budget,
-                                 seed=cell.seed, out_dir=cell_dir, amp=cell.amp,
-                                 few_limit=method.real_samples_limit(info) if method_cls.data_access is DataAccess.FEW else None,
-                                 data_root=opts.data_root, on_log=progress.log if progress else None, on_phase=on_phase)
-            reset_peak_memory(opts.device)
-            _sync(opts.device)
-            started = time.perf_counter()
-            student = method.distill(counted, student, ctx)
-            _sync(opts.device)
-            row["distill_seconds"] = round(time.perf_counter() - started, 3)
-            row["peak_mem_mb"] = round(peak_memory_mb(opts.device), 1)
-            student.eval()
-            acc = evaluate_accuracy(student, data.test_x, data.test_y, lambda xb: to_float(xb, info))
-            if not math.isfinite(acc):
-                raise FloatingPointError(f"student accuracy is {acc}")
-            flops, macs = count_flops(student, input_shape)
-            latency, iqr = measure_latency(student, input_shape, threads=cell.latency_threads,
-                                           min_run_time=opts.latency_min_run_time)
+            outcome = provision.distill(
+                method, teacher.model, student, data, token=token, seed=cell.seed, device=opts.device, out_dir=cell_dir,
+                budget=cell.compute, amp=cell.amp, data_root=opts.data_root, checkpoint_every=cell.checkpoint_every,
+                on_log=progress.log if progress else None,
+                on_phase=(lambda name, total, done: progress.phase(f"{cell.label}: {name}", total, done)) if progress else None,
+                on_step=progress.step if progress else None)
+            measured = provision.measure(outcome.student, token, input_shape)
+            provision.save_student(outcome.student, student.record(cell.student, info), cell_dir)
+            _write_jsonl(cell_dir / "anytime.jsonl", outcome.anytime)
             row.update(
-                status="ok", error="", student_acc=round(acc, 3),
-                student_acc_best=round(ctx.best_acc, 3) if method_cls.tracks_best and ctx.best_acc is not None else "",
+                status="ok", error="", student_acc=round(measured.test_acc, 3),
+                student_acc_val="" if measured.val_acc is None else round(measured.val_acc, 3),
+                student_acc_best=round(outcome.best_test, 3) if method_cls.tracks_best and outcome.best_test is not None else "",
                 best_protocol="best test-set evaluation during training (paper protocol)" if method_cls.tracks_best else "",
-                real_samples_used=ctx.real_samples_used, teacher_queries=counted.queries, params=count_params(student),
-                flops=flops, macs=macs, latency_ms=round(latency, 4), latency_iqr_ms=round(iqr, 4),
-                throughput=round(measure_throughput(student, input_shape, device=opts.device,
-                                                    min_run_time=opts.latency_min_run_time), 1),
-                iterations=sum(iterations), amp=ctx.amp_active,
+                real_samples_used=outcome.real_samples_used + search_samples,
+                teacher_queries=outcome.teacher_queries + (cost.teacher_queries if cost else 0),
+                student_steps=outcome.student_steps, stopped_by=outcome.stopped_by,
+                params=measured.params, flops=measured.flops, macs=measured.macs,
+                arch_id=architecture_id(outcome.student), distill_seconds=outcome.seconds,
+                search_seconds=round(cost.seconds, 3) if cost and cost.seconds else "",
+                iterations=outcome.iterations, amp=outcome.amp_active, peak_mem_mb=outcome.peak_mem_mb,
+                resumed="" if outcome.resumed_from is None else f"phase {outcome.resumed_from[0]} step {outcome.resumed_from[1]}",
             )
+            provision.discard_checkpoint(cell_dir)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a failing cell is recorded and the grid goes on
             (cell_dir / "error.txt").write_text(traceback.format_exc())
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            if ctx is not None:
-                row.update(real_samples_used=ctx.real_samples_used)
+            provision.discard_checkpoint(cell_dir)
         finally:
-            if ctx is not None:
-                ctx.close()
+            if token is not None:
+                provision.unseal(token)
         row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         return row
 
+    # ---- the latency pass (after the cells, in quiet)
+    def load_student(self, row: dict[str, str]) -> nn.Module | None:
+        folder = self.options.out / "cells" / row["cell_id"]
+        return load_saved_student(folder)
+
+    @staticmethod
+    def load_teacher(row: dict[str, str]) -> nn.Module | None:
+        shape = json.loads(row["input_shape"])
+        if not row.get("num_classes"):
+            return None
+        return create_model(row["teacher"], int(row["num_classes"]), shape[0], shape[1])
+
+    def time_architectures(self, store: ResultsStore) -> int:
+        opts = self.options
+        return latency_pass(list(store.rows.values()), opts.out, self.load_student, self.load_teacher, opts.device,
+                            cpu_name(), store.put, min_run_time=opts.latency_min_run_time,
+                            progress=self.progress.note if self.progress else None)
+
     def run(self, grid: Grid) -> RunSummary:
         opts = self.options
-        cells = expand(grid)
+        cells = expand(grid, provenance=Provenance(opts.device.type, opts.data_root))
         store = ResultsStore(opts.out).lock()
         write_grid_json(opts.out, grid, cells, "local")
         todo = cells_to_run(cells, store, opts)
@@ -284,6 +314,8 @@ class Runner:
                 summary.done.append(store.rows[cell.cell_id])
                 summary.failed += row["status"] == "failed"
                 self.progress.cell_done(f"{cell.label} {row['status']} {row.get('student_acc', '')}")
+            summary.timed = self.time_architectures(store)
+            summary.done = [store.rows[r["cell_id"]] for r in summary.done]
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -292,9 +324,19 @@ class Runner:
         return summary
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def load_saved_student(folder: Path) -> nn.Module | None:
+    """A cell's saved student: its architecture rebuilt from ``student.json``, ``student.pt`` loaded with
+    ``weights_only=True``, in eval mode; None if the cell saved none."""
+    record_path, weights = folder / "student.json", folder / "student.pt"
+    if not (record_path.is_file() and weights.is_file()):
+        return None
+    model = rebuild_student(json.loads(record_path.read_text()))
+    load_into(model, load_state_dict(weights), f"saved student {weights}")
+    return model.eval()
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def summary_table(rows: list[dict[str, str]]) -> str:
@@ -302,14 +344,21 @@ def summary_table(rows: list[dict[str, str]]) -> str:
     groups: dict[tuple, list[dict[str, str]]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], f"{r['teacher']}->{r['student']}", r["label"] or r["method"]), []).append(r)
-    lines = [f"{'dataset':<14} {'pair':<28} {'method':<16} {'n':>2} {'acc % (final)':>16} {'params':>9} {'MACs':>10} {'lat ms':>7} {'sec':>7}  failed"]
+    lines = [f"{'dataset':<14} {'pair':<28} {'method':<16} {'n':>2} {'acc % (final)':>16} {'val %':>6} {'params':>9} "
+             f"{'MACs':>10} {'lat ms':>7} {'sec':>7}  failed"]
+
+    def mean_std(values: list[float]) -> str:
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
     for (dataset, pair, label), rs in sorted(groups.items()):
         ok = [r for r in rs if r["status"] == "ok"]
-        accs = [float(r["student_acc"]) for r in ok]
-        acc = (f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1
-               else f"{accs[0]:.2f}" if accs else "-")
+        acc = mean_std([float(r["student_acc"]) for r in ok])
+        vals = [float(r["student_acc_val"]) for r in ok if r.get("student_acc_val")]
+        val = f"{statistics.mean(vals):.2f}" if vals else "-"
         first = ok[0] if ok else {}
         secs = statistics.mean(float(r["distill_seconds"]) for r in ok) if ok else float("nan")
-        lines.append(f"{dataset:<14} {pair:<28} {label:<16} {len(ok):>2} {acc:>16} {first.get('params', '-'):>9} "
-                     f"{first.get('macs', '-'):>10} {first.get('latency_ms', '-'):>7} {secs:>7.1f}  {len(rs) - len(ok)}")
+        lines.append(f"{dataset:<14} {pair:<28} {label:<16} {len(ok):>2} {acc:>16} {val:>6} {first.get('params', '-'):>9} "
+                     f"{first.get('macs', '-'):>10} {first.get('latency_ms', '-') or '-':>7} {secs:>7.1f}  {len(rs) - len(ok)}")
     return "\n".join(lines)

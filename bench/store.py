@@ -21,10 +21,12 @@ from typing import Any, Iterable
 # The public column set (DESIGN.md "Results"); scripts and the report read these names.
 COLUMNS = [
     "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "seed",
-    "budget", "data_access", "real_samples_used", "teacher_access", "teacher_queries", "teacher_acc",
-    "student_acc", "student_acc_best", "best_protocol", "params", "flops", "macs", "teacher_params",
-    "teacher_macs", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
-    "distill_seconds", "iterations", "peak_mem_mb", "device", "amp", "cpu", "torch", "git_commit", "started", "finished", "method_params",
+    "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_queries",
+    "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
+    "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",
+    "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
+    "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",
+    "git_commit", "git_dirty", "started", "finished", "method_params",
 ]
 
 

@@ -1,90 +1,90 @@
 """Student specs: an architecture name from the model zoo, or a student derived from the teacher.
 
-A derived student is written ``<kind>:<args>`` (e.g. ``pruned:l1:0.5``) where ``kind`` is registered
-with :func:`register_student_kind`. Anything else is a model name for :func:`bench.models.create_model`
-(including ``timm:<name>`` and ``torchvision:<name>``).
+A derived student is written ``<kind>:<args>`` (e.g. ``pruned:l1:0.5``), its kind registered in
+:data:`bench.lineage.STUDENT_KINDS`; anything else is a model name for :func:`bench.models.create_model`
+(including ``timm:<name>`` and ``torchvision:<name>``). :func:`build_student` returns a :class:`Student`:
+the module and, for a derived one, its :class:`~bench.lineage.Lineage`.
+
+Every built student can be rebuilt without its teacher's weights from :meth:`Student.record` (what a
+cell saves as ``student.json`` beside ``student.pt``): a zoo model by name; a pruned one by replaying
+its pruning history on a fresh copy of the teacher architecture.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+import bench.pruning  # noqa: F401  (registers the derived student kind "pruned")
 from bench.config import ConfigError
 from bench.data import DatasetInfo
-from bench.models import create_model, list_models
+from bench.lineage import STUDENT_KINDS, Lineage, StudentContext
+from bench.models import MODELS, create_model
+
+__all__ = ["Student", "StudentContext", "build_student", "check_compatible", "check_spec", "is_derived", "rebuild_student"]
 
 
-@dataclass(frozen=True)
-class StudentContext:
-    """What a derived-student builder may use: the trained teacher and where to cache results."""
+@dataclass
+class Student:
+    model: nn.Module
+    lineage: Lineage | None = None  # how it was derived from the teacher (None: a zoo architecture)
 
-    teacher: nn.Module
-    teacher_key: str
-    info: DatasetInfo
-    cache_dir: Path
-    device: torch.device
-
-
-class StudentBuilder(Protocol):
-    def __call__(self, args: str, ctx: StudentContext) -> nn.Module: ...
+    def record(self, spec: str, info: DatasetInfo) -> dict[str, Any]:
+        """What :func:`rebuild_student` needs to rebuild this architecture (no weights)."""
+        return {"spec": spec, "num_classes": info.num_classes, "channels": info.channels,
+                "image_size": info.image_size, "lineage": self.lineage.to_json() if self.lineage else None}
 
 
-_KINDS: dict[str, StudentBuilder] = {}
-_VALIDATORS: dict[str, Callable[[str], None]] = {}
-
-
-def register_student_kind(kind: str, validate: Callable[[str], None] | None = None):
-    """Decorator registering a builder for students written ``<kind>:<args>``."""
-
-    def decorator(fn: StudentBuilder) -> StudentBuilder:
-        _KINDS[kind] = fn
-        if validate is not None:
-            _VALIDATORS[kind] = validate
-        return fn
-
-    return decorator
-
-
-def _split(spec: str) -> tuple[str | None, str]:
-    kind, sep, args = spec.partition(":")
-    return (kind, args) if sep and kind in _KINDS else (None, spec)
+def _derived_kind(spec: str):
+    """``(StudentKind, args)`` for ``<kind>:<args>`` with a registered kind, else ``(None, spec)``."""
+    kind, sep, _ = spec.partition(":")
+    if sep and STUDENT_KINDS.has_prefix(kind):
+        return STUDENT_KINDS.resolve(spec)
+    return None, spec
 
 
 def is_derived(spec: str) -> bool:
     """True for ``<kind>:<args>`` students built from the teacher (cached per teacher)."""
-    return _split(spec)[0] is not None
+    return _derived_kind(spec)[0] is not None
 
 
 def check_spec(spec: str, where: str = "student") -> None:
     """Raise :class:`ConfigError` unless ``spec`` names a model or a registered derived kind."""
-    kind, args = _split(spec)
+    kind, args = _derived_kind(spec)
     if kind is not None:
-        validate = _VALIDATORS.get(kind)
-        if validate is not None:
+        if kind.validate is not None:
             try:
-                validate(args)
+                kind.validate(args)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {spec!r}: {exc}") from None
         return
-    prefix = spec.split(":", 1)[0] + ":" if ":" in spec else None
-    if spec in list_models() or prefix in ("timm:", "torchvision:"):
+    if spec in MODELS:
         return
-    derived = [f"{k}:..." for k in sorted(_KINDS)]
-    raise ConfigError(f"{where}: unknown student {spec!r}; valid: {', '.join(list_models() + derived)}")
+    raise ConfigError(f"{where}: unknown student {spec!r}; valid: "
+                      f"{', '.join(MODELS.names(open_forms=True) + STUDENT_KINDS.names(open_forms=True))}")
 
 
-def build_student(spec: str, ctx: StudentContext) -> nn.Module:
+def build_student(spec: str, ctx: StudentContext) -> Student:
     """A fresh student for ``spec`` on ``ctx.device``, in train mode."""
-    kind, args = _split(spec)
+    kind, args = _derived_kind(spec)
     if kind is not None:
-        model = _KINDS[kind](args, ctx)
+        model, lineage = kind.build(args, ctx)
     else:
-        model = create_model(spec, ctx.info.num_classes, ctx.info.channels, ctx.info.image_size)
-    return model.to(ctx.device).train()
+        model, lineage = create_model(spec, ctx.info.num_classes, ctx.info.channels, ctx.info.image_size), None
+    return Student(model.to(ctx.device).train(), lineage)
+
+
+def rebuild_student(record: dict[str, Any]) -> nn.Module:
+    """The (untrained) architecture of a saved student from its :meth:`Student.record`."""
+    from bench.pruning import rebuild_from_lineage
+
+    lineage = record.get("lineage")
+    if lineage:
+        return rebuild_from_lineage(Lineage.from_json(lineage), record["num_classes"], record["channels"],
+                                    record["image_size"])
+    return create_model(record["spec"], record["num_classes"], record["channels"], record["image_size"])
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module, info: DatasetInfo, device: torch.device) -> None:
@@ -98,4 +98,3 @@ def check_compatible(teacher: nn.Module, student: nn.Module, info: DatasetInfo, 
     if t_out.shape[1] != s_out.shape[1]:
         raise ConfigError(f"the student outputs {s_out.shape[1]} classes but the teacher {t_out.shape[1]} "
                           f"(dataset {info.name!r} has {info.num_classes})")
-import bench.pruning  # noqa: E402,F401  (registers the derived student kind "pruned")

@@ -1,9 +1,11 @@
 """Teachers: trained by the harness on the training split, cached by config hash, or the user's own.
 
-A teacher is identified by (dataset, architecture, recipe, seed). Its cache folder
-``<cache>/teachers/<key>/`` holds ``model.pt`` (a plain state dict, loaded with
-``weights_only=True``) and ``meta.json`` (test accuracy, recipe, seed, training time). Cells and
-runs share cached teachers; a changed recipe is a new key and a new teacher.
+A teacher is identified by (dataset and its content fingerprint, architecture, recipe, seed, and the
+code that trains it). It is trained on the task's training split: the validation split is held out of
+the teacher as of every method. Its cache folder ``<cache>/teachers/<key>/`` holds ``model.pt`` (a
+plain state dict, loaded with ``weights_only=True``) and ``meta.json`` (test accuracy, recipe, seed,
+training time). Cells and runs share cached teachers; a changed recipe, split or training code is a
+new key and a new teacher.
 """
 from __future__ import annotations
 
@@ -21,10 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.config import from_mapping, to_dict
-from bench.data import ImageData, augment, iterate_batches, to_float
+from bench.data import ImageData, fingerprint
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model
+from bench.provenance import file_hash, modules_hash
 from bench.training import TrainConfig, schedule, train
+from bench.transforms import BatchStream, augment, to_float
+
+# the code a harness-trained teacher is the output of (part of its cache key)
+TEACHER_CODE = ("bench.teachers", "bench.training", "bench.transforms", "bench.models")
+
+
+def teacher_code_hash() -> str:
+    return modules_hash(TEACHER_CODE)
 
 
 @dataclass
@@ -58,8 +69,9 @@ def recipe_for(dataset: str, overrides: Mapping[str, Any] | None = None, where: 
     return from_mapping(TeacherRecipe, {**RECIPES.get(dataset, DEFAULT_RECIPE), **dict(overrides or {})}, where)
 
 
-def teacher_key(dataset: str, arch: str, recipe: TeacherRecipe, seed: int) -> str:
-    blob = json.dumps({"dataset": dataset, "arch": arch, "recipe": to_dict(recipe), "seed": seed}, sort_keys=True)
+def teacher_key(dataset: str, arch: str, recipe: TeacherRecipe, seed: int, data_fingerprint: str = "") -> str:
+    blob = json.dumps({"dataset": dataset, "arch": arch, "recipe": to_dict(recipe), "seed": seed,
+                       "data": data_fingerprint, "code": teacher_code_hash()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -124,17 +136,11 @@ def train_teacher(model: nn.Module, data: ImageData, recipe: TeacherRecipe,
     plan = schedule(recipe, 1.0, data.info.train_size)
     generator = torch.Generator().manual_seed(0)
     kind = data.info.augment if recipe.augment else "none"
-
-    def batches():
-        while True:
-            yield from iterate_batches(data.train_x, data.train_y, recipe.batch_size, shuffle=True,
-                                       generator=generator, drop_last=True)
-
-    stream = batches()
+    stream = BatchStream(data.train_x, data.train_y, recipe.batch_size, generator=generator,
+                         transform=lambda xb: augment(to_float(xb, data.info), kind, generator))
 
     def step(it: int) -> dict[str, torch.Tensor]:
-        xb, yb = next(stream)
-        x = augment(to_float(xb, data.info), kind, generator)
+        x, yb = next(stream)
         return {"loss": F.cross_entropy(model(x), yb)}
 
     model.train()
@@ -165,11 +171,10 @@ def get_teacher(dataset: str, arch: str, data: ImageData, device: torch.device, 
             raise CheckpointError(f"teacher_checkpoint {checkpoint!r} does not exist")
         load_into(model, load_state_dict(path), f"teacher_checkpoint {checkpoint!r}")
         model.to(device).eval()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return Teacher(model, arch, evaluate(model), f"checkpoint:{digest}", {"checkpoint": str(path)})
+        return Teacher(model, arch, evaluate(model), f"checkpoint:{file_hash(str(path))}", {"checkpoint": str(path)})
 
     recipe = recipe or recipe_for(dataset)
-    key = teacher_key(dataset, arch, recipe, seed)
+    key = teacher_key(dataset, arch, recipe, seed, fingerprint(data))
     folder = resolve_cache_dir(cache_dir) / "teachers" / key
     if (folder / "meta.json").is_file() and (folder / "model.pt").is_file():
         meta = json.loads((folder / "meta.json").read_text())

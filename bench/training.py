@@ -3,7 +3,9 @@
 One loop, configured by a typed :class:`TrainConfig`: optimiser by name, a step-decay schedule
 given in *epochs* (as papers give it) and converted to iterations, and a step function that returns
 a dict of named losses (mdistiller-style) whose ``"loss"`` entry is back-propagated. Logging syncs
-with the device only every ``log_every`` iterations.
+with the device only every ``log_every`` iterations. Given a method's context, the loop runs through
+``ctx.steps`` (caps, anytime curve, checkpoints; the optimiser and scheduler are tracked) and
+:func:`fit_schedule` fits the schedule to the cell's compute caps.
 """
 from __future__ import annotations
 
@@ -64,6 +66,14 @@ class Schedule:
     def epochs(self) -> int:
         return max(1, math.ceil(self.total / self.iters_per_epoch))
 
+    def capped(self, total: int) -> "Schedule":
+        """The same schedule squeezed into ``total`` iterations (milestones scaled with it)."""
+        if total >= self.total:
+            return self
+        scale = total / self.total
+        return Schedule(total=total, iters_per_epoch=self.iters_per_epoch,
+                        milestones=tuple(max(1, round(m * scale)) for m in self.milestones))
+
 
 def schedule(cfg: TrainConfig, budget: float, dataset_size: int) -> Schedule:
     """The paper's epochs x iterations-per-epoch, scaled by ``budget`` (milestones with them)."""
@@ -73,20 +83,39 @@ def schedule(cfg: TrainConfig, budget: float, dataset_size: int) -> Schedule:
     return Schedule(total=total, iters_per_epoch=per_epoch, milestones=milestones)
 
 
+def fit_schedule(ctx, cfg: TrainConfig, dataset_size: int, queries_per_step: float | None = None) -> Schedule:
+    """A method's schedule: the paper's, scaled by the cell's budget fraction, then cut to its caps."""
+    nominal = schedule(cfg, ctx.budget, dataset_size)
+    return nominal.capped(ctx.plan_steps(nominal.total, queries_per_step))
+
+
 def train(
     params: Iterable[torch.nn.Parameter],
     step: Callable[[int], dict[str, torch.Tensor]],
     cfg: TrainConfig,
     plan: Schedule,
     *,
-    log: Callable[[int, dict[str, torch.Tensor]], None],
+    log: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     log_every: int = 50,
     on_epoch_end: Callable[[int], None] | None = None,
+    ctx=None,
+    name: str = "train",
 ) -> None:
-    """Run ``plan.total`` optimisation steps of ``step(iteration)``; ``log`` every ``log_every``."""
+    """Run ``plan.total`` optimisation steps of ``step(iteration)``; ``log`` every ``log_every``.
+
+    With ``ctx`` (a method's context) the steps come from ``ctx.steps(plan.total, name)``, the optimiser
+    and scheduler are tracked for checkpoints, and ``log`` defaults to ``ctx.log``."""
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(plan.milestones), gamma=cfg.lr_decay)
-    for it in range(1, plan.total + 1):
+    if ctx is not None:
+        ctx.track(**{f"{name}_optimizer": optimizer, f"{name}_scheduler": scheduler})
+        steps = ctx.steps(plan.total, name, log_every=log_every)
+        log = log or ctx.log
+    else:
+        steps = range(1, plan.total + 1)
+    if log is None:
+        raise ValueError("train() needs log= or ctx=")
+    for it in steps:
         losses = step(it)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

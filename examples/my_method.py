@@ -15,7 +15,7 @@ from methods.losses import kd_loss
 class UniformKD(Method):
     """KD on U(-1, 1) images in the normalised input space (a toy data-free method)."""
 
-    data_access = DataAccess.NONE  # the context refuses any real data to this method
+    data_access = DataAccess.NONE  # the context holds no real data for this method
     teacher_access = TeacherAccess.OUTPUTS
 
     @dataclass
@@ -27,18 +27,18 @@ class UniformKD(Method):
 
     def distill(self, teacher, student, ctx):
         cfg = self.config
-        steps = ctx.scaled(cfg.iterations)
+        # the paper's length scaled by the grid's budget, cut to a teacher-query or step cap if the grid sets one
+        steps = ctx.plan_steps(ctx.scaled(cfg.iterations), queries_per_step=cfg.batch_size)
         optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-        ctx.phase("uniform_kd", steps)
+        ctx.track(optimizer=optimizer)  # saved in in-cell checkpoints with the student
         student.train()
-        for step in range(1, steps + 1):
+        for step in ctx.steps(steps, "uniform_kd"):  # progress bar, caps, anytime curve, checkpoints
             x = torch.rand((cfg.batch_size, *ctx.input_shape), device=ctx.device) * 2 - 1
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = teacher(x)  # counted in teacher_queries
             loss = kd_loss(student(x), t_logits, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if step % 50 == 0 or step == steps:
-                ctx.log(step, loss=loss)  # syncs with the device: log points only
+            ctx.log(step, loss=loss)  # kept every 50th step (the others cost nothing); NaN fails the cell
         return student

@@ -13,7 +13,7 @@ autograd graph of one traced forward). Its *output* is the BN output (the conv w
 eval mode), else the layer output: the pre-activation of the block, taken before any nonlinearity
 and, in residual blocks, before the addition (a Q after the addition could not be merged into an
 identity shortcut). A derived student (``bench.pruning``) keeps the teacher's module names and
-carries ``kept_channels: dict[str, list[int]]`` (module name -> the teacher output channels it
+its lineage (``ctx.lineage``) carries ``kept_channels: dict[str, tuple[int, ...]]`` (module name -> the teacher output channels it
 kept, in order), so the teacher's matching target is the output of the same-named teacher module
 restricted to those channels. LeNet-5: conv1, conv2, conv3 and fc1 (a Linear is fitted as a 1x1
 block on N rows; fc2, the classifier, only with ``fit_classifier``). VGG: every conv (+BN) and every hidden
@@ -69,9 +69,14 @@ class _Stop(Exception):
 # fit points
 
 
-def student_spec(student: nn.Module) -> str:
+def student_spec(student: nn.Module, lineage=None) -> str:
     """How errors name the student: its derived spec (e.g. ``pruned:l1:0.5``) or its class."""
-    return getattr(student, "pruning_spec", None) or type(student).__name__
+    return lineage.spec if lineage is not None else type(student).__name__
+
+
+def kept_channels(ctx) -> dict[str, tuple[int, ...]] | None:
+    """The kept teacher channels of the cell's derived student (its lineage), or None for a zoo student."""
+    return ctx.lineage.kept_channels if ctx.lineage is not None else None
 
 
 def _trace_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str, str], str | None]:
@@ -137,20 +142,20 @@ def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
     return _trace_order(model, example)[2]
 
 
-def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, *, spec: str = "student",
-               fit_linear: bool = True, fit_classifier: bool = False) -> list[FitPoint]:
+def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, kept: dict | None, *,
+               spec: str = "student", fit_linear: bool = True, fit_classifier: bool = False) -> list[FitPoint]:
     """The student's blocks with a teacher counterpart, input first (see the module docstring).
 
     ``fit_classifier``: also the classifier, whose outputs (the logits) are never pruned: its Q is a
     K x K map on the logits, fitted against the teacher's logits and merged into the classifier.
 
-    Raises :class:`NotDerivedError` when the student does not carry ``kept_channels`` (it was not
-    derived from the teacher) or its layers do not match the teacher's by name and shape."""
-    kept = getattr(student, "kept_channels", None)
+    ``kept``: the lineage's kept channels (``ctx.lineage.kept_channels``). Raises :class:`NotDerivedError`
+    when there are none (the student was not derived from the teacher) or its layers do not match the
+    teacher's by name and shape."""
     if not isinstance(kept, dict):
         raise NotDerivedError(
             f"student {spec!r} was not derived from the teacher: block fitting needs to know which teacher "
-            f"channels each student layer kept (attribute kept_channels); use {DERIVED_HINT}")
+            f"channels each student layer kept (its lineage's kept_channels); use {DERIVED_HINT}")
     order, bn_after, classifier = _trace_order(student, example)
     s_modules = dict(student.named_modules())
     t_modules = dict(teacher.named_modules())

@@ -38,6 +38,7 @@ scaled, because a half-optimised dream is a different method rather than a cheap
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -191,59 +192,53 @@ def matching_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return ((features.float() - targets) ** 2).sum(1).mean() / (targets ** 2).sum(1).mean().clamp(min=1e-12)
 
 
-def synthesize(teacher: Callable, targets: torch.Tensor, input_shape: tuple[int, int, int], *, iters: int,
-               batch_size: int, lr: float, tv_weight: float, l2_weight: float, jitter: int, flip: bool,
-               bounds: tuple[torch.Tensor, torch.Tensor] | None, generator: torch.Generator | None = None,
-               init: torch.Tensor | None = None, autocast: Callable | None = None,
-               log: Callable[[int, dict[str, torch.Tensor]], None] | None = None, log_every: int = 50,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise one image per target row so that ``teacher.forward_features(image)`` matches it.
+def synthesize_batch(teacher, target: torch.Tensor, input_shape: tuple[int, int, int], *, iters: int, lr: float,
+                     tv_weight: float, l2_weight: float, jitter: int, flip: bool,
+                     bounds: tuple[torch.Tensor, torch.Tensor] | None, generator: torch.Generator | None = None,
+                     init: torch.Tensor | None = None, autocast: Callable | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Optimise one image per row of ``target`` so that ``teacher.forward_features(image)`` matches it.
 
-    ``teacher`` is called as ``teacher.forward_features``. Batches of ``batch_size`` targets, each
     ``iters`` Adam steps with a cosine-decayed ``lr``; starting images are ``init`` or N(0, 1) noise.
-    ``log(step, values)`` is called every ``log_every`` steps (step counted over all batches).
-    Returns ``(dreams (N, C, H, W), final matching loss per batch (B,))``.
-    """
-    n = targets.shape[0]
-    device = targets.device
-    dreams = torch.empty((n, *input_shape), device=device)
-    finals = []
-    batches = math.ceil(n / batch_size)
-    for b in range(batches):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        target = targets[lo:hi]
-        if init is not None:
-            x = init[lo:hi].clone().to(device)
-        else:
-            x = torch.randn((hi - lo, *input_shape), generator=generator).to(device)
+    Returns ``(images (B, C, H, W), last losses {"match", "tv", "loss"})``."""
+    device = target.device
+    x = init.clone().to(device) if init is not None else torch.randn((target.shape[0], *input_shape),
+                                                                     generator=generator).to(device)
+    if bounds is not None:
+        clamp_to_bounds(x, *bounds)
+    x.requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iters)
+    for _ in range(iters):
+        view = random_jitter(x, jitter, generator)
+        if flip:
+            view = random_flip(view, generator)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            features = teacher.forward_features(view)
+        match = matching_loss(features, target)
+        tv = total_variation(x)
+        loss = match + tv_weight * tv + l2_weight * l2_prior(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
         if bounds is not None:
-            clamp_to_bounds(x, *bounds)
-        x.requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iters)
-        for it in range(1, iters + 1):
-            view = random_jitter(x, jitter, generator)
-            if flip:
-                view = random_flip(view, generator)
-            if autocast is not None:
-                with autocast():
-                    features = teacher.forward_features(view)
-            else:
-                features = teacher.forward_features(view)
-            match = matching_loss(features, target)
-            tv = total_variation(x)
-            loss = match + tv_weight * tv + l2_weight * l2_prior(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if bounds is not None:
-                clamp_to_bounds(x.data, *bounds)
-            step = b * iters + it
-            if log is not None and (step % log_every == 0 or step == batches * iters):
-                log(step, {"match": match.detach(), "tv": tv.detach(), "loss": loss.detach()})
-        finals.append(match.detach())
-        dreams[lo:hi] = x.detach()
+            clamp_to_bounds(x.data, *bounds)
+    return x.detach(), {"match": match.detach(), "tv": tv.detach(), "loss": loss.detach()}
+
+
+def synthesize(teacher, targets: torch.Tensor, input_shape: tuple[int, int, int], *, iters: int, batch_size: int,
+               **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`synthesize_batch` over every row of ``targets`` in batches of ``batch_size``.
+
+    Returns ``(dreams (N, C, H, W), final matching loss per batch (B,))``."""
+    n = targets.shape[0]
+    dreams = torch.empty((n, *input_shape), device=targets.device)
+    finals = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        dreams[lo:hi], losses = synthesize_batch(teacher, targets[lo:hi], input_shape, iters=iters, **options)
+        finals.append(losses["match"])
     return dreams, torch.stack(finals)
 
 
@@ -322,6 +317,10 @@ class DreamDistillation(Method):
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
 
+    def reads_labels(self) -> bool:
+        """Only ``cluster_by="label"`` reads the labels of the metadata images."""
+        return self.config.cluster_by == "label"
+
     def real_samples_limit(self, info) -> int:
         """m: ``n_samples`` if set, else ``metadata_fraction`` of the training split (at least 1)."""
         cfg = self.config
@@ -351,26 +350,27 @@ class DreamDistillation(Method):
         n = ctx.scaled(cfg.n_images)
         targets, which = sample_targets(meta, n, cfg.noise_scale, ctx.generator)
 
-        synth_steps = math.ceil(n / cfg.synth_batch) * cfg.synth_iters
-        ctx.phase("dream synthesis", synth_steps)
-        dreams, _ = synthesize(teacher, targets, ctx.input_shape, iters=cfg.synth_iters, batch_size=cfg.synth_batch,
-                               lr=cfg.synth_lr, tv_weight=cfg.tv_weight, l2_weight=cfg.l2_weight, jitter=cfg.jitter,
-                               flip=flip, bounds=pixel_bounds(info.mean, info.std, device), generator=ctx.generator,
-                               autocast=ctx.autocast, log=ctx.log, log_every=cfg.log_every)
+        dreams = torch.empty((n, *ctx.input_shape), device=device)
+        ctx.track(dreams=dreams)
+        bounds = pixel_bounds(info.mean, info.std, device)
+        for b in ctx.steps(math.ceil(n / cfg.synth_batch), "dream synthesis", student=False, log_every=1):
+            lo, hi = (b - 1) * cfg.synth_batch, min(n, b * cfg.synth_batch)  # one step: one batch of dreams
+            dreams[lo:hi], losses = synthesize_batch(
+                teacher, targets[lo:hi], ctx.input_shape, iters=cfg.synth_iters, lr=cfg.synth_lr,
+                tv_weight=cfg.tv_weight, l2_weight=cfg.l2_weight, jitter=cfg.jitter, flip=flip, bounds=bounds,
+                generator=ctx.generator, autocast=ctx.autocast)
+            ctx.log(b, **losses)
         if cfg.samples:
             self._save_samples(dreams, meta.groups[which], ctx)
 
         per_epoch = math.ceil(n / cfg.batch_size)
-        plan = Schedule(total=cfg.epochs * per_epoch, iters_per_epoch=per_epoch,
-                        milestones=tuple(m * per_epoch for m in cfg.milestones))
-        order: list[torch.Tensor] = []
-        ctx.phase("kd on dreams", plan.total)
+        nominal = Schedule(total=cfg.epochs * per_epoch, iters_per_epoch=per_epoch,
+                           milestones=tuple(m * per_epoch for m in cfg.milestones))
+        plan = nominal.capped(ctx.plan_steps(nominal.total, queries_per_step=min(cfg.batch_size, n)))
+        stream = ctx.batches(dreams, None, cfg.batch_size, prepare=False, drop_last=False)
 
         def step(it: int) -> dict[str, torch.Tensor]:
-            slot = (it - 1) % per_epoch
-            if slot == 0:
-                order[:] = [torch.randperm(n, generator=ctx.generator).to(device)]
-            x = dreams[order[0][slot * cfg.batch_size:(slot + 1) * cfg.batch_size]]
+            x = next(stream)[0]
             if cfg.kd_augment:
                 x = random_jitter(x, cfg.jitter, ctx.generator)
                 if flip:
@@ -382,7 +382,7 @@ class DreamDistillation(Method):
             return {"loss": loss}
 
         student.train()
-        train(student.parameters(), step, cfg, plan, log=ctx.log, log_every=cfg.log_every)
+        train(student.parameters(), step, cfg, plan, ctx=ctx, name="kd on dreams", log_every=cfg.log_every)
         return student
 
     def _save_samples(self, dreams: torch.Tensor, classes: torch.Tensor, ctx) -> None:

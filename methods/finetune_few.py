@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.config import ConfigError
-from bench.data import iterate_batches
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.training import TrainConfig, schedule, train
+from bench.training import TrainConfig, fit_schedule, train
 
 
 @dataclass
@@ -46,19 +45,11 @@ class FewSampleTrainConfig(TrainConfig):
             raise ConfigError(f"n_samples must be >= 1, got {self.n_samples!r}")
 
 
-def few_sample_batches(ctx, x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
-    """Endless shuffled batches of the few samples (batch size capped at n)."""
-    size = min(batch_size, x.shape[0])
-    while True:
-        yield from iterate_batches(x, y, size, shuffle=True, generator=ctx.generator, drop_last=True)
-
-
-def train_on_few(student, step, cfg: FewSampleTrainConfig, ctx, name: str) -> None:
+def train_on_few(student, step, cfg: FewSampleTrainConfig, ctx, name: str, queries_per_step: float | None = None) -> None:
     """Run ``step`` for the budget-scaled epochs over the n samples; BN frozen if asked."""
-    plan = schedule(cfg, ctx.budget, max(cfg.n_samples, cfg.batch_size))  # an epoch: one pass over the n samples
-    ctx.phase(name, plan.total)
+    plan = fit_schedule(ctx, cfg, max(cfg.n_samples, cfg.batch_size), queries_per_step)  # an epoch: one pass over the n samples
     student.train(not cfg.freeze_bn)
-    train(student.parameters(), step, cfg, plan, log=ctx.log, log_every=50)
+    train(student.parameters(), step, cfg, plan, ctx=ctx, name=name, log_every=50)
     student.eval()
 
 
@@ -67,16 +58,17 @@ class FinetuneFew(Method):
     data_access = DataAccess.FEW
     teacher_access = TeacherAccess.NONE
     Config = FewSampleTrainConfig
+    few_labels = True  # fine-tuning reads the labels of its n samples
 
     def distill(self, teacher, student, ctx):
         cfg = self.config
         images, labels = ctx.few_samples(cfg.n_samples, labels=True)
-        stream = few_sample_batches(ctx, images, labels, cfg.batch_size)
+        stream = ctx.batches(images, labels, cfg.batch_size, augment_images=cfg.augment)
 
         def step(it: int) -> dict[str, torch.Tensor]:
-            xb, yb = next(stream)
+            x, yb = next(stream)
             with ctx.autocast():
-                loss = F.cross_entropy(student(ctx.prepare(xb, augment_images=cfg.augment)).float(), yb)
+                loss = F.cross_entropy(student(x).float(), yb)
             return {"loss": loss}
 
         train_on_few(student, step, cfg, ctx, "finetune_few")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from methods.block_fitting import capture, fit_points, student_spec, teacher_targets
-from methods.finetune_few import FewSampleTrainConfig, few_sample_batches, train_on_few
+from methods.block_fitting import capture, fit_points, kept_channels, student_spec, teacher_targets
+from methods.finetune_few import FewSampleTrainConfig, train_on_few
 
 
 @register("fitnet_few")
@@ -28,20 +28,21 @@ class FitNetFew(Method):
         cfg = self.config
         images, _ = ctx.few_samples(cfg.n_samples)  # unlabelled
         student.eval()
-        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), spec=student_spec(student))
+        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), kept_channels(ctx),
+                            spec=student_spec(student, ctx.lineage))
         targets = {name: torch.cat(parts) for name, parts in
                    teacher_targets(teacher, points, images, ctx.prepare, 250).items()}
         energy = {name: t.square().mean().clamp_min(1e-12) for name, t in targets.items()}
         modules = {p.output: student.get_submodule(p.output) for p in points}
         index = torch.arange(images.shape[0], device=images.device)
-        stream = few_sample_batches(ctx, images, index, cfg.batch_size)
+        stream = ctx.batches(images, index, cfg.batch_size, prepare=False)
 
         kept = {p.output: torch.tensor(p.kept, device=images.device) for p in points}
         t_modules = {n: teacher.module.get_submodule(n) for n in modules}
 
         def step(it: int) -> dict[str, torch.Tensor]:
             xb, idx = next(stream)
-            x = ctx.prepare(xb, augment_images=cfg.augment)
+            x = ctx.prepare(xb, augment_images=cfg.augment)  # the index picks the cached targets
             with ctx.autocast():
                 if cfg.augment:  # targets of the augmented images: one more teacher pass per step
                     with torch.no_grad():
@@ -53,5 +54,5 @@ class FitNetFew(Method):
                 loss = sum(torch.mean((outs[n].float() - batch_targets[n]) ** 2) / energy[n] for n in modules)
             return {"loss": loss}
 
-        train_on_few(student, step, cfg, ctx, "fitnet_few")
+        train_on_few(student, step, cfg, ctx, "fitnet_few", queries_per_step=cfg.batch_size if cfg.augment else None)
         return student

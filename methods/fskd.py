@@ -1,23 +1,26 @@
 """Few-Sample Knowledge Distillation (``fskd``): 1x1 block fitting in closed form, merged exactly.
 
 Li, Wang, Yang, Jiang, Lin, Zhang, "Few Sample Knowledge Distillation for Efficient Network
-Compression", CVPR 2020 (arXiv 1812.01839). The student is compressed from the teacher (here
-``pruned:l1:<ratio>`` / ``pruned:slim:<ratio>``, see bench/pruning.py), so each student block's
-output channels are a subset of the teacher block's. After every student block (conv [+ folded BN],
-before its nonlinearity) a C'xC' 1x1 conv Q (identity init, no bias) is fitted in closed form by
-least squares on the N*H*W positions of n unlabelled samples against the teacher's block output
-restricted to the kept channels; blocks are fitted from the input up, each with the earlier Q's in
-place (block-coordinate descent, ``passes`` sweeps), and each Q is merged exactly into its conv, so
-the returned student has exactly the pruned architecture (same params, same FLOPs). Which layers are
-blocks (LeNet-5: conv1..conv3 and fc1; VGG: every conv; ResNets: every conv of the residual
-branches, before the addition): methods/block_fitting.py. By default the classifier is a last
-block too (``fit_classifier``: a K x K Q on the logits against the teacher's logits; a harness
-extension that added ~4 points on Fashion-MNIST LeNet-5 pruned:l1:0.5 at 500 samples, 77.95 ->
-82.12 over 2 seeds; ``fit_classifier=False`` is the paper's placement).
+Compression", CVPR 2020 (arXiv 1812.01839), as published. The student is compressed from the teacher
+(here ``pruned:l1:<ratio>`` / ``pruned:slim:<ratio>`` / ``pruned:evo:<ratio>``, see bench/pruning.py),
+so each student block's output channels are a subset of the teacher block's. After every student
+*conv* block (conv [+ folded BN], before its nonlinearity) a C'xC' 1x1 conv Q (identity init, no bias)
+is fitted in closed form by plain least squares on the N*H*W positions of n unlabelled samples
+against the teacher's block output restricted to the kept channels; blocks are fitted from the input
+up, each with the earlier Q's in place (block-coordinate descent, ``passes`` sweeps), and each Q is
+merged exactly into its conv, so the returned student has exactly the pruned architecture (same
+params, same FLOPs). Which convs are blocks (LeNet-5: conv1..conv3; VGG: every conv; ResNets: every
+conv of the residual branches, before the addition): methods/block_fitting.py.
 
-Labels are never read. The teacher is queried once per sample: its block outputs are kept on the
+The n samples are a seeded draw from the training split that reads no label (the harness's
+Provision stage); labels are never read. The least squares carry only a numerical-conditioning ridge
+(``ridge`` = 1e-8 of the mean diagonal of X^T X; the paper states none): it matters only for a
+constant-zero channel. The teacher is queried once per sample: its block outputs are kept on the
 device (``cache_teacher``); with ``cache_teacher=False`` it is re-run for every block instead
 (``n_samples x blocks x passes`` queries, less memory).
+
+``fskd_plus`` (methods/fskd_plus.py) is the harness's variant with Q's on the hidden Linear layers and
+the classifier and a regularising ridge.
 """
 from __future__ import annotations
 
@@ -28,24 +31,19 @@ import torch
 
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, MethodConfig, TeacherAccess, register
-from methods.block_fitting import (NormalEquations, batches, capture, fit_points, merge_q, rows, student_spec,
-                                   teacher_targets)
+from methods.block_fitting import (NormalEquations, batches, capture, fit_points, kept_channels, merge_q, rows,
+                                   student_spec, teacher_targets)
 
 
 @dataclass
 class FSKDConfig(MethodConfig):
     n_samples: int = 500  # FSKD Sec. 4: 500 unlabelled CIFAR-10 training images (1%), no augmentation
     passes: int = 1  # sweeps of block-coordinate descent over all blocks (the paper's BCD; 1 = one sweep)
-    # Relative ridge lam = ridge * trace(X^T X) / C (harness choice; the paper states none). Where a
-    # block has few rows per unknown (LeNet-5's conv3 and fc1 see one row per sample) a plain least-squares
-    # fit overfits the n samples: on Fashion-MNIST LeNet-5 pruned:l1:0.3, 2 seeds, ridge 1e-8 / 1e-3 / 1e-2
-    # gave 78.0 / 80.1 / 81.9 % at n=50, 75.2 / 82.5 / 84.3 % at n=100 and 86.3 / 86.3 / 86.3 % at n=500.
-    ridge: float = 1e-2
-    fit_linear: bool = True  # also fit hidden Linear layers (LeNet-5 fc1) as 1x1 blocks (harness choice)
-    # Also fit a K x K Q on the classifier's output (the logits, never pruned) against the teacher's
-    # logits: the last block of the student is the classifier, and its output has an exact teacher
-    # counterpart. The paper places Q after conv blocks only (harness extension; False = the paper's).
-    fit_classifier: bool = True
+    # Relative ridge lam = ridge * trace(X^T X) / C. The paper's least squares are plain: 1e-8 only keeps
+    # the system solvable when a channel is constant zero (a dead filter) and changes nothing else.
+    ridge: float = 1e-8
+    fit_linear: bool = False  # the paper places Q after conv blocks only
+    fit_classifier: bool = False  # the paper fits no Q on the classifier's output (the logits)
     batch_size: int = 100  # streaming batch (memory only: the sums, hence Q, do not depend on it)
     cache_teacher: bool = True  # one teacher pass, block outputs kept; False: re-run the teacher per block
 
@@ -60,6 +58,8 @@ class FSKDConfig(MethodConfig):
 
 @register("fskd")
 class FSKD(Method):
+    """FSKD as published (Li et al., CVPR 2020): 1x1 Q's after conv blocks, plain least squares, merged."""
+
     data_access = DataAccess.FEW
     teacher_access = TeacherAccess.FEATURES
     Config = FSKDConfig
@@ -68,35 +68,34 @@ class FSKD(Method):
         cfg = self.config
         images, _ = ctx.few_samples(cfg.n_samples)  # unlabelled
         student.eval()  # BN uses its running statistics: the block output is the BN-folded conv
-        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), spec=student_spec(student),
-                            fit_linear=cfg.fit_linear, fit_classifier=cfg.fit_classifier)
+        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), kept_channels(ctx),
+                            spec=student_spec(student, ctx.lineage), fit_linear=cfg.fit_linear,
+                            fit_classifier=cfg.fit_classifier)
         targets = teacher_targets(teacher, points, images, ctx.prepare, cfg.batch_size) if cfg.cache_teacher else None
-        ctx.phase("fskd blocks", cfg.passes * len(points))
-        started, step = time.perf_counter(), 0
-        for _ in range(cfg.passes):
-            for point in points:
-                module = student.get_submodule(point.output)
-                t_module = teacher.module.get_submodule(point.output)
-                kept = torch.tensor(point.kept, device=images.device)
-                eq = NormalEquations(len(point.kept), len(point.kept), images.device)
-                yty = torch.zeros((), dtype=torch.float64, device=images.device)
-                for b, xb in enumerate(batches(images, cfg.batch_size)):
-                    x = ctx.prepare(xb)
-                    with torch.no_grad():
-                        s_out = capture(student, {point.output: module}, x, stop_after=point.output)[point.output]
-                        if targets is not None:
-                            t_out = targets[point.output][b]
-                        else:
-                            t_out = capture(teacher, {point.output: t_module}, x, stop_after=point.output)[point.output]
-                            t_out = t_out.index_select(1, kept)
-                    eq.add(s_out, t_out)
-                    yty += rows(t_out).to(torch.float64).square().sum()
-                q = eq.solve(cfg.ridge)
-                merge_q(student, point, q)
-                step += 1
-                # Fit quality from the normal equations: ||X Q^T - Y||^2 = tr(Q A Q^T) - 2 tr(Q B) + ||Y||^2.
-                q64 = q.to(torch.float64)
-                before = (torch.diagonal(eq.xtx).sum() - 2 * torch.diagonal(eq.xty).sum() + yty) / yty
-                after = ((q64 @ eq.xtx * q64).sum() - 2 * (q64 * eq.xty.t()).sum() + yty) / yty
-                ctx.log(step, rel_err_before=before, rel_err_after=after, seconds=time.perf_counter() - started)
+        started = time.perf_counter()
+        for step in ctx.steps(cfg.passes * len(points), "fskd blocks", log_every=1):  # one block fit per step
+            point = points[(step - 1) % len(points)]
+            module = student.get_submodule(point.output)
+            t_module = teacher.module.get_submodule(point.output)
+            kept = torch.tensor(point.kept, device=images.device)
+            eq = NormalEquations(len(point.kept), len(point.kept), images.device)
+            yty = torch.zeros((), dtype=torch.float64, device=images.device)
+            for b, xb in enumerate(batches(images, cfg.batch_size)):
+                x = ctx.prepare(xb)
+                with torch.no_grad():
+                    s_out = capture(student, {point.output: module}, x, stop_after=point.output)[point.output]
+                    if targets is not None:
+                        t_out = targets[point.output][b]
+                    else:
+                        t_out = capture(teacher, {point.output: t_module}, x, stop_after=point.output)[point.output]
+                        t_out = t_out.index_select(1, kept)
+                eq.add(s_out, t_out)
+                yty += rows(t_out).to(torch.float64).square().sum()
+            q = eq.solve(cfg.ridge)
+            merge_q(student, point, q)
+            # Fit quality from the normal equations: ||X Q^T - Y||^2 = tr(Q A Q^T) - 2 tr(Q B) + ||Y||^2.
+            q64 = q.to(torch.float64)
+            before = (torch.diagonal(eq.xtx).sum() - 2 * torch.diagonal(eq.xty).sum() + yty) / yty
+            after = ((q64 @ eq.xtx * q64).sum() - 2 * (q64 * eq.xty.t()).sum() + yty) / yty
+            ctx.log(step, rel_err_before=before, rel_err_after=after, seconds=time.perf_counter() - started)
         return student

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.training import TrainConfig, schedule, train
+from bench.training import TrainConfig, fit_schedule, train
 from methods.losses import kd_loss
 
 # The RepDistiller CIFAR-100 benchmark setting (Tian et al., ICLR 2020, "Contrastive Representation
@@ -47,9 +47,8 @@ class KD(Method):
 
     def distill(self, teacher, student, ctx):
         cfg = self.config
-        plan = schedule(cfg, ctx.budget, ctx.info.train_size)
+        plan = fit_schedule(ctx, cfg, ctx.info.train_size, queries_per_step=cfg.batch_size)
         batches = ctx.train_batches(cfg.batch_size)
-        ctx.phase("kd", plan.total)
 
         def step(it: int) -> dict[str, torch.Tensor]:
             x, y = next(batches)
@@ -62,5 +61,5 @@ class KD(Method):
             return {"loss": cfg.gamma * ce + cfg.alpha * soft, "ce": ce.detach(), "kd": soft.detach()}
 
         student.train()
-        train(student.parameters(), step, cfg, plan, log=ctx.log)
+        train(student.parameters(), step, cfg, plan, ctx=ctx, name="kd")
         return student

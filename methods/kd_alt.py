@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.data import iterate_batches
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.training import schedule, train
+from bench.training import fit_schedule, train
 from methods.kd import CIFAR_PRESET, DIGITS_PRESET, MNIST_PRESET, KDConfig
 from methods.losses import kd_loss
 
@@ -48,18 +47,11 @@ class KDAlt(Method):
     def distill(self, teacher, student, ctx):
         cfg = self.config
         images = ctx.alt_images(cfg.alt_dataset)
-        plan = schedule(cfg, ctx.budget, ctx.info.train_size)  # as many iterations as kd
-        ctx.phase("kd_alt", plan.total)
-
-        def batches():
-            while True:
-                yield from iterate_batches(images, None, cfg.batch_size, shuffle=True, generator=ctx.generator,
-                                           drop_last=images.shape[0] >= cfg.batch_size)
-
-        stream = batches()
+        plan = fit_schedule(ctx, cfg, ctx.info.train_size, queries_per_step=cfg.batch_size)  # as many iterations as kd
+        stream = ctx.batches(images, None, cfg.batch_size, augment_images=True)
 
         def step(it: int) -> dict[str, torch.Tensor]:
-            x = ctx.prepare(next(stream)[0], augment_images=True)
+            x = next(stream)[0]
             with ctx.autocast():
                 with torch.no_grad():
                     t_logits = teacher(x)
@@ -67,5 +59,5 @@ class KDAlt(Method):
             return {"loss": cfg.alpha * loss}
 
         student.train()
-        train(student.parameters(), step, cfg, plan, log=ctx.log)
+        train(student.parameters(), step, cfg, plan, ctx=ctx, name="kd_alt")
         return student

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.training import TrainConfig, schedule, train
+from bench.training import TrainConfig, fit_schedule, train
 from methods.losses import kd_loss
 
 # DAFL's student optimisers and budgets (METHODS.md, DAFL table): 120 iterations per "epoch".
@@ -43,8 +43,7 @@ class KDNoise(Method):
 
     def distill(self, teacher, student, ctx):
         cfg = self.config
-        plan = schedule(cfg, ctx.budget, ctx.info.train_size)
-        ctx.phase("kd_noise", plan.total)
+        plan = fit_schedule(ctx, cfg, ctx.info.train_size, queries_per_step=cfg.batch_size)
 
         def step(it: int) -> dict[str, torch.Tensor]:
             x = ctx.noise(cfg.batch_size)
@@ -55,5 +54,5 @@ class KDNoise(Method):
             return {"loss": loss}
 
         student.train()
-        train(student.parameters(), step, cfg, plan, log=ctx.log)
+        train(student.parameters(), step, cfg, plan, ctx=ctx, name="kd_noise")
         return student

@@ -27,9 +27,8 @@ class NoRecovery(Method):
     Config = NoRecoveryConfig
 
     def distill(self, teacher, student, ctx):
-        if not isinstance(getattr(student, "kept_channels", None), dict):
+        if ctx.lineage is None:
             raise NotDerivedError(f"no_recovery returns a student pruned from the teacher as is, but student "
                                   f"{student_spec(student)!r} was not derived from the teacher (it would be an "
                                   f"untrained network); use {DERIVED_HINT}")
-        ctx.phase("no_recovery", 0)
         return student

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.training import TrainConfig, schedule, train
+from bench.training import TrainConfig, fit_schedule, train
 from methods.kd import PRESET_FOR_DATASET, PRESETS
 
 
@@ -30,9 +30,8 @@ class StudentOnly(Method):
 
     def distill(self, teacher, student, ctx):
         cfg = self.config
-        plan = schedule(cfg, ctx.budget, ctx.info.train_size)
+        plan = fit_schedule(ctx, cfg, ctx.info.train_size)
         batches = ctx.train_batches(cfg.batch_size)
-        ctx.phase("student_only", plan.total)
 
         def step(it: int) -> dict[str, torch.Tensor]:
             x, y = next(batches)
@@ -41,5 +40,5 @@ class StudentOnly(Method):
             return {"loss": loss}
 
         student.train()
-        train(student.parameters(), step, cfg, plan, log=ctx.log)
+        train(student.parameters(), step, cfg, plan, ctx=ctx, name="student_only")
         return student

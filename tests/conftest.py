@@ -30,10 +30,10 @@ def data_root() -> Path | None:
 
 @pytest.fixture(scope="session")
 def digits():
-    """scikit-learn's 8x8 digits (upscaled to 32 px): real data for seconds-long runs."""
-    from bench.data import load_dataset
+    """scikit-learn's 8x8 digits (upscaled to 32 px) as a task: training split, validation split, test split."""
+    from bench.data import task_data
 
-    return load_dataset("digits")
+    return task_data("digits")
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError
-from bench.data import to_float
-from bench.method import CountingTeacher, DataAccess, DataAccessError, DistillContext, get_method
+from bench.transforms import to_float
+from bench.method import CountingTeacher, DataAccess, DataAccessError, get_method
+from tests.helpers import make_ctx, run_distill
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model
 from bench.training import schedule
@@ -200,7 +201,7 @@ def test_budget_scales_iterations_and_milestones_only_and_fields_override():
 
 def test_context_refuses_training_data_to_dafl(digits, tmp_path):
     dafl = get_method("dafl")
-    ctx = DistillContext(data=digits, data_access=dafl.data_access, device=CPU, budget=1.0, seed=0, out_dir=tmp_path)
+    ctx = make_ctx(digits, dafl.data_access, tmp_path)
     for call in (ctx.train_data, lambda: next(ctx.train_batches(8)), lambda: ctx.few_samples(1),
                  lambda: ctx.alt_images("mnist_5k")):
         with pytest.raises(DataAccessError, match="data_access='none'"):
@@ -221,19 +222,17 @@ def test_short_dafl_run_on_digits_improves_the_student_without_real_data(digits,
     torch.manual_seed(0)
     student = create_model("lenet5_half", 10, 1, 32)
     before = _accuracy(student, digits)
-    ctx = DistillContext(data=digits, data_access=dafl.data_access, device=CPU, budget=0.0025, seed=0,
-                         out_dir=tmp_path)
-    counted = CountingTeacher(teacher.model)
-    student = dafl(cfg).distill(counted, student, ctx)
-    ctx.close()
+    outcome = run_distill(dafl(cfg), teacher.model, student, digits, tmp_path, budget=0.0025)
+    student = outcome.student
     after = _accuracy(student.eval(), digits)
     assert after >= before + 20, (before, after)
     # trained in channels_last (cfg.channels_last), deployed in the default layout
     assert all(p.is_contiguous() for p in student.parameters())
-    assert ctx.real_samples_used == 0
-    assert counted.queries == 60 * 64  # one teacher forward per iteration (evaluation uses the student only)
-    assert [step for step, _ in ctx.evaluations] == [30, 60] and ctx.best_acc >= after
+    assert outcome.real_samples_used == 0
+    assert outcome.teacher_queries == 60 * 64  # one teacher forward per iteration (evaluation uses the student only)
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in curve if "val_acc" in row] == [30, 60]  # the method's evaluation points
+    assert outcome.best_test is not None and outcome.best_test >= after - 1e-9  # recorded, never returned
     logged = [row for row in curve if "loss_g" in row]
     assert [row["step"] for row in logged] == [20, 40, 60]
     assert all(k in logged[0] for k in ("loss_oh", "loss_a", "loss_ie", "loss_s", "lr_s", "sample_std"))

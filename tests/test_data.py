@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import data as D
+from bench import transforms as T
 from bench.data import DatasetInfo, DatasetMissingError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -252,7 +253,7 @@ def test_imagefolder(tmp_path):
 
 
 def test_register_dataset(monkeypatch, tmp_path):
-    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+    monkeypatch.setattr(D.DATASETS, "_entries", dict(D.DATASETS._entries))
 
     @D.register_dataset("tiny")
     def tiny(root: Path, download: bool) -> D.ImageData:
@@ -280,24 +281,24 @@ INFO3 = DatasetInfo("rgb", 10, 3, 8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), 100, "cr
 
 def test_to_float():
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 8, 2).contiguous()
-    out = D.to_float(x, INFO3)
+    out = T.to_float(x, INFO3)
     assert out.dtype == torch.float32 and out.shape == x.shape and out.device == x.device
     for c, (m, s) in enumerate(zip(INFO3.mean, INFO3.std)):
         assert torch.allclose(out[:, c, :, 0], torch.tensor(-m / s))
         assert torch.allclose(out[:, c, :, 1], torch.tensor((1 - m) / s))
     with pytest.raises(ValueError, match="uint8"):
-        D.to_float(x.float(), INFO3)
+        T.to_float(x.float(), INFO3)
     with pytest.raises(ValueError, match="3"):
-        D.to_float(x[:, :1], INFO3)
+        T.to_float(x[:, :1], INFO3)
 
 
 def test_augment_crop_flip_is_a_padded_window():
     x = torch.randint(1, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    assert D.augment(x, "none") is x
-    out = D.augment(x, "crop_flip", torch.Generator().manual_seed(0))
+    assert T.augment(x, "none") is x
+    out = T.augment(x, "crop_flip", torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.equal(out, D.augment(x, "crop_flip", torch.Generator().manual_seed(0)))
-    assert not torch.equal(out, D.augment(x, "crop_flip", torch.Generator().manual_seed(1)))
+    assert torch.equal(out, T.augment(x, "crop_flip", torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, T.augment(x, "crop_flip", torch.Generator().manual_seed(1)))
     pad = 1  # round(4 * 8 / 32)
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     flips = 0
@@ -308,28 +309,28 @@ def test_augment_crop_flip_is_a_padded_window():
         assert matches, f"sample {i} is not a crop of its padded image"
         flips += matches[0]
     assert 0 < flips < 16
-    floats = D.augment(D.to_float(x, INFO3), "crop_flip", torch.Generator().manual_seed(0))
+    floats = T.augment(T.to_float(x, INFO3), "crop_flip", torch.Generator().manual_seed(0))
     assert floats.dtype == torch.float32 and floats.shape == x.shape
     with pytest.raises(ValueError, match="crop_flip"):
-        D.augment(x, "mixup")
+        T.augment(x, "mixup")
 
 
 def test_iterate_batches():
     x, y = torch.arange(10).view(10, 1), torch.arange(10)
-    batches = list(D.iterate_batches(x, y, 4, shuffle=False))
+    batches = list(T.iterate_batches(x, y, 4, shuffle=False))
     assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert len(list(D.iterate_batches(x, y, 4, shuffle=False, drop_last=True))) == 2
-    shuffled = list(D.iterate_batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert len(list(T.iterate_batches(x, y, 4, shuffle=False, drop_last=True))) == 2
+    shuffled = list(T.iterate_batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
     seen = torch.cat([yb for _, yb in shuffled])
     assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
     assert all(torch.equal(xb[:, 0], yb) for xb, yb in shuffled)
-    again = list(D.iterate_batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    again = list(T.iterate_batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(seen, torch.cat([yb for _, yb in again]))
-    assert all(yb is None for _, yb in D.iterate_batches(x, None, 4, shuffle=True))
+    assert all(yb is None for _, yb in T.iterate_batches(x, None, 4, shuffle=True))
     with pytest.raises(ValueError, match="batch_size"):
-        next(D.iterate_batches(x, y, 0, shuffle=False))
+        next(T.iterate_batches(x, y, 0, shuffle=False))
     with pytest.raises(ValueError, match="9"):
-        next(D.iterate_batches(x, y[:9], 2, shuffle=False))
+        next(T.iterate_batches(x, y[:9], 2, shuffle=False))
 
 
 def test_few_sample_indices():

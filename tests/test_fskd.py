@@ -15,14 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from bench.data import DatasetInfo, ImageData, to_float
+from bench.data import DatasetInfo, ImageData
+from bench.transforms import to_float
+from bench.lineage import StudentContext
 from bench.method import CountingTeacher, DataAccess, DataAccessError, DistillContext, get_method
 from bench.metrics import count_flops, count_params, evaluate_accuracy
 from bench.models import create_model
 from bench.pruning import build_pruned
-from bench.students import StudentContext, build_student
+from bench.students import build_student
 from methods.block_fitting import (NormalEquations, NotDerivedError, apply_q, fit_points, insert_q, merge_q,
                                    solve_q)
+from tests.helpers import run_distill
 from tests.test_pruning import example, make_teacher
 
 CPU = torch.device("cpu")
@@ -48,9 +51,9 @@ def test_merging_each_q_equals_the_student_with_q_inserted(arch, channels, spec,
     # 0.1-0.75): the issue's 1e-5 bound holds with a wide margin, and a wrong merge misses it by far (0.046 for
     # the BN fold of a conv that also feeds a shortcut, before that was fixed).
     teacher = make_teacher(arch, channels)
-    student, _ = build_pruned(teacher, spec, example(channels))
+    student, lineage = build_pruned(teacher, spec, example(channels))
     student = student.double().eval()
-    points = fit_points(student, teacher, example(channels).double(), spec=spec)
+    points = fit_points(student, teacher, example(channels).double(), lineage.kept_channels, spec=spec)
     assert len(points) == n_points and sum(p.bn is not None for p in points) == n_bn
     g = torch.Generator().manual_seed(1)
     qs = [_random_q(len(p.kept), g) for p in points]
@@ -79,14 +82,14 @@ def test_bn_is_folded_before_merging_not_after():
     # a different function from Q BN(W x). The merge here must reproduce the latter.
     conv, bn = nn.Conv2d(4, 5, 3, padding=1).double(), nn.BatchNorm2d(5).double()
     model = nn.Sequential(conv, bn, nn.Linear(6, 6).double()).eval()  # Linear on the last dim: a stand-in head
-    model.kept_channels = {"0": list(range(5)), "2": list(range(6))}
+    kept = {"0": tuple(range(5)), "2": tuple(range(6))}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         bn.weight.copy_(torch.rand(5, generator=g, dtype=torch.float64) + 0.5)
         bn.running_var.copy_(torch.rand(5, generator=g, dtype=torch.float64) + 0.5)
         bn.running_mean.normal_(generator=g)
         bn.bias.normal_(generator=g)
-    (point,) = [p for p in fit_points(model, model, torch.zeros(1, 4, 6, 6, dtype=torch.float64)) if p.layer == "0"]
+    (point,) = [p for p in fit_points(model, model, torch.zeros(1, 4, 6, 6, dtype=torch.float64), kept) if p.layer == "0"]
     assert point.bn == "1"
     q = _random_q(5, g)
     x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
@@ -151,15 +154,16 @@ def test_solve_tolerates_a_dead_channel():
 
 @pytest.fixture(scope="module")
 def lenet():
-    """An untrained LeNet-5 teacher (enough for everything but the accuracy test) and its pruned student."""
+    """An untrained LeNet-5 teacher (enough for everything but the accuracy test), its pruned student and lineage."""
     model = make_teacher("lenet5", 1)
-    return model, build_pruned(model, "pruned:l1:0.5", example(1))[0]
+    return (model, *build_pruned(model, "pruned:l1:0.5", example(1)))
 
 
-def _context(method, data, tmp_path, cls=DistillContext, few_limit=None):
+def _context(method, data, tmp_path, cls=DistillContext, few_limit=None, lineage=None):
     access = type(method).data_access
     limit = method.real_samples_limit(data.info) if access is DataAccess.FEW and few_limit is None else few_limit
-    return cls(data=data, data_access=access, device=CPU, budget=1.0, seed=0, out_dir=tmp_path, few_limit=limit)
+    few = (data.train_x[:limit], None) if limit else None
+    return cls(info=data.info, data_access=access, device=CPU, seed=0, out_dir=tmp_path, few=few, lineage=lineage)
 
 
 def _method(name, **params):
@@ -171,43 +175,42 @@ def _accuracy(model, digits):
     return evaluate_accuracy(model.eval(), digits.test_x, digits.test_y, lambda xb: to_float(xb, digits.info))
 
 
-class LabelsWithheld(DistillContext):
-    """A context that refuses to hand out labels: a label-free method must still work."""
-
-    def few_samples(self, n, *, labels=False):
-        if labels:
-            raise DataAccessError("labels are withheld in this test")
-        return super().few_samples(n, labels=labels)
+def test_fskd_is_the_paper_method_and_fskd_plus_the_harness_variant():
+    paper, plus = _method("fskd").config, _method("fskd_plus").config
+    assert (paper.fit_linear, paper.fit_classifier, paper.ridge) == (False, False, 1e-8)
+    assert (plus.fit_linear, plus.fit_classifier) == (True, True) and plus.ridge > paper.ridge
+    assert not get_method("fskd").few_labels and not get_method("fskd_plus").few_labels
 
 
 @pytest.mark.slow  # trains the digits teacher unless the session cache has it (test_runner and the smoke grid share it)
 def test_fskd_recovers_the_pruned_lenet5_without_labels_at_zero_extra_cost(teacher, digits, cache_dir, tmp_path):
     assert teacher.accuracy > 90
-    pruned = build_student("pruned:l1:0.5", StudentContext(teacher=teacher.model, teacher_key=teacher.key,
-                                                           info=digits.info, cache_dir=cache_dir, device=CPU))
+    built = build_student("pruned:l1:0.5", StudentContext(teacher=teacher.model, teacher_key=teacher.key,
+                                                          teacher_arch="lenet5", info=digits.info, cache_dir=cache_dir,
+                                                          device=CPU))
+    pruned, lineage = built.model, built.lineage
     params, macs = count_params(pruned), count_flops(pruned, (1, 32, 32))[1]
     shapes = {k: v.shape for k, v in pruned.state_dict().items()}
 
-    no_rec = _method("no_recovery")
-    ctx = _context(no_rec, digits, tmp_path / "none")
-    counted = CountingTeacher(teacher.model)
-    baseline = no_rec.distill(counted, copy.deepcopy(pruned), ctx)
-    base_acc = _accuracy(baseline, digits)
-    assert ctx.real_samples_used == 0 and counted.queries == 0
+    baseline = run_distill(_method("no_recovery"), teacher.model, copy.deepcopy(pruned), digits, tmp_path / "none",
+                           lineage=lineage)
+    base_acc = _accuracy(baseline.student, digits)
+    assert baseline.real_samples_used == 0 and baseline.teacher_queries == 0
 
-    fskd = _method("fskd", n_samples=100, ridge=1e-8)  # plain least squares: each fit beats Q = I on its rows
-    ctx = _context(fskd, digits, tmp_path / "fskd", cls=LabelsWithheld)
-    counted = CountingTeacher(teacher.model)
-    recovered = fskd.distill(counted, pruned, ctx)
-    ctx.close()
-    acc = _accuracy(recovered, digits)
-    assert acc > base_acc + 20, (base_acc, acc)  # measured: ~49% -> ~95% (teacher ~97%)
-    assert ctx.real_samples_used == 100 and counted.queries == 100  # one cached teacher pass over the n samples
-    assert count_params(recovered) == params and count_flops(recovered, (1, 32, 32))[1] == macs
-    assert {k: v.shape for k, v in recovered.state_dict().items()} == shapes
-    curve = [json.loads(line) for line in (tmp_path / "fskd" / "curve.jsonl").read_text().splitlines()]
-    assert len(curve) == 5  # one log per block: conv1, conv2, conv3, fc1 and the classifier fc2
-    assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-9 for r in curve)
+    # the paper's FSKD (conv blocks, plain least squares) and the harness's variant (+ fc1, + classifier, ridge)
+    for name, blocks in (("fskd", 3), ("fskd_plus", 5)):
+        out = tmp_path / name
+        method = _method(name, n_samples=100)
+        recovered = run_distill(method, teacher.model, copy.deepcopy(pruned), digits, out, lineage=lineage)
+        acc = _accuracy(recovered.student, digits)
+        assert acc > base_acc + 15, (name, base_acc, acc)
+        assert recovered.real_samples_used == 100 and recovered.teacher_queries == 100  # one cached teacher pass
+        assert count_params(recovered.student) == params and count_flops(recovered.student, (1, 32, 32))[1] == macs
+        assert {k: v.shape for k, v in recovered.student.state_dict().items()} == shapes
+        curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+        assert len(curve) == blocks  # one log per block
+        if name == "fskd":  # plain least squares: each fit beats Q = I on its rows
+            assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-9 for r in curve)
 
 
 def test_fskd_fit_does_not_depend_on_streaming_or_teacher_caching(lenet, digits, tmp_path):
@@ -216,9 +219,9 @@ def test_fskd_fit_does_not_depend_on_streaming_or_teacher_caching(lenet, digits,
     # trained digits teacher at n=60: conv3 weights up to 7.4 against 0.5 at n=100, 2e-5 differences in fc1).
     results = []
     for i, params in enumerate([dict(n_samples=100), dict(n_samples=100, batch_size=17, cache_teacher=False)]):
-        method = _method("fskd", **params)
+        method = _method("fskd_plus", ridge=1e-8, **params)
         counted = CountingTeacher(lenet[0])
-        ctx = _context(method, digits, tmp_path / str(i))
+        ctx = _context(method, digits, tmp_path / str(i), lineage=lenet[2])
         results.append((method.distill(counted, copy.deepcopy(lenet[1]), ctx), counted.queries))
         ctx.close()
     (cached, q_cached), (streamed, q_streamed) = results
@@ -236,33 +239,32 @@ def test_fskd_fits_every_block_of_a_pre_activation_wrn(tmp_path):
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
     data = ImageData(info=info, train_x=x, train_y=torch.arange(32) % 10, test_x=x[:4], test_y=torch.arange(4))
     teacher = make_teacher("wrn_16_1", 3)
-    student, _ = build_pruned(teacher, "pruned:l1:0.5", example(3))
+    student, lineage = build_pruned(teacher, "pruned:l1:0.5", example(3))
     shapes = {k: v.shape for k, v in student.state_dict().items()}
-    fskd = _method("fskd", n_samples=32, ridge=1e-8)  # plain least squares (a ridge trades fit for stability)
-    ctx = _context(fskd, data, tmp_path)
+    fskd = _method("fskd", n_samples=32)  # plain least squares (a ridge trades fit for stability)
+    ctx = _context(fskd, data, tmp_path, lineage=lineage)
     fitted = fskd.distill(CountingTeacher(teacher), student, ctx)
     ctx.close()
     assert {k: v.shape for k, v in fitted.state_dict().items()} == shapes
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
-    assert len(curve) == 16  # 15 convs and the classifier
+    assert len(curve) == 15  # the 15 convs (the paper's FSKD fits no Q on the classifier)
     assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-6 for r in curve), curve
     assert curve[0]["rel_err_after"] < 0.9 * curve[0]["rel_err_before"]
 
 
 def test_context_refuses_more_samples_than_the_method_declared(lenet, digits, tmp_path):
     fskd = _method("fskd", n_samples=20)
-    ctx = _context(fskd, digits, tmp_path)
-    assert ctx.few_limit == 20
+    ctx = _context(fskd, digits, tmp_path, lineage=lenet[2])
     with pytest.raises(DataAccessError, match="few_samples\\(21\\).*n_samples=20"):
         ctx.few_samples(21)
     # A context granting fewer samples than the method's config asks for stops the method before it reads any.
-    short = _context(fskd, digits, tmp_path, few_limit=10)
+    short = _context(fskd, digits, tmp_path, few_limit=10, lineage=lenet[2])
     with pytest.raises(DataAccessError, match="n_samples=10"):
         fskd.distill(CountingTeacher(lenet[0]), copy.deepcopy(lenet[1]), short)
     assert short.real_samples_used == 0
 
 
-@pytest.mark.parametrize("name", ["no_recovery", "fitnet_few", "fskd"])
+@pytest.mark.parametrize("name", ["no_recovery", "fitnet_few", "fskd", "fskd_plus"])
 def test_block_fitting_methods_refuse_a_student_not_derived_from_the_teacher(name, lenet, digits, tmp_path):
     method = _method(name, **({} if name == "no_recovery" else {"n_samples": 10}))
     student = create_model("lenet5_half", 10, 1, 32)
@@ -273,7 +275,7 @@ def test_block_fitting_methods_refuse_a_student_not_derived_from_the_teacher(nam
 
 
 def test_a_student_pruned_from_another_teacher_is_refused(digits, tmp_path):
-    # kept_channels present, but the layers do not match this teacher's: an error naming the student and the layer.
-    student, _ = build_pruned(make_teacher("vgg11", 1), "pruned:l1:0.5", example(1))
+    # kept channels present, but the layers do not match this teacher's: an error naming the student and the layer.
+    student, lineage = build_pruned(make_teacher("vgg11", 1), "pruned:l1:0.5", example(1))
     with pytest.raises(NotDerivedError, match=r"student 'pruned:l1:0\.5'.*'features\.0'"):
-        fit_points(student, make_teacher("lenet5", 1), example(1), spec="pruned:l1:0.5")
+        fit_points(student, make_teacher("lenet5", 1), example(1), lineage.kept_channels, spec="pruned:l1:0.5")

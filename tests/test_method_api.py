@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from bench.config import ConfigError
-from bench.method import (DataAccess, DataAccessError, DistillContext, NonFiniteError, PluginError, get_method,
-                          list_methods, load_plugin, native_bf16)
+from bench.method import (DataAccess, DataAccessError, NonFiniteError, PluginError, get_method, list_methods,
+                          load_plugin, native_bf16)
+from tests.helpers import make_ctx
 
 BUILTINS = {"kd", "kd_noise", "kd_alt", "student_only"}
 
 
-def _ctx(data, access, tmp_path, few_limit=None):
-    return DistillContext(data=data, data_access=access, device=torch.device("cpu"), budget=0.5, seed=0,
-                          out_dir=tmp_path, few_limit=few_limit)
+def _ctx(data, access, tmp_path, few_limit=None, few_labels=False):
+    return make_ctx(data, access, tmp_path, few=few_limit, few_labels=few_labels, budget=0.5)
 
 
 def test_builtins_are_registered():
@@ -37,12 +37,15 @@ def test_data_free_context_refuses_training_data(digits, tmp_path):
 
 
 def test_few_context_gives_at_most_n_and_counts(digits, tmp_path):
-    ctx = _ctx(digits, DataAccess.FEW, tmp_path, few_limit=20)
+    ctx = _ctx(digits, DataAccess.FEW, tmp_path, few_limit=20, few_labels=True)
     x, y = ctx.few_samples(20)
     assert x.shape == (20, 1, 32, 32) and x.dtype == torch.uint8 and y is None
     x2, y2 = ctx.few_samples(10, labels=True)
     assert torch.equal(x2, x[:10]) and y2.shape == (10,)
     assert ctx.real_samples_used == 20
+    unlabelled = _ctx(digits, DataAccess.FEW, tmp_path, few_limit=20)
+    with pytest.raises(DataAccessError, match="did not declare that it reads labels"):
+        unlabelled.few_samples(5, labels=True)
     with pytest.raises(DataAccessError, match="more than the declared n_samples=20"):
         ctx.few_samples(21)
     with pytest.raises(DataAccessError):
@@ -51,7 +54,7 @@ def test_few_context_gives_at_most_n_and_counts(digits, tmp_path):
 
 def test_alt_context_refuses_the_teachers_own_dataset(digits, tmp_path):
     ctx = _ctx(digits, DataAccess.ALT, tmp_path)
-    with pytest.raises(DataAccessError, match="teacher's own"):
+    with pytest.raises(DataAccessError, match="teacher's own source"):
         ctx.alt_images("digits")
     images = ctx.alt_images("mnist_5k")
     assert images.shape[1:] == (1, 32, 32) and images.dtype == torch.uint8
@@ -106,9 +109,8 @@ def test_broken_plugins_fail_clearly(tmp_path):
 
 def test_amp_is_bf16_autocast_only_where_the_device_computes_bf16_natively(digits, tmp_path):
     cpu = torch.device("cpu")
-    off = DistillContext(data=digits, data_access=DataAccess.NONE, device=cpu, budget=0.5, seed=0, out_dir=tmp_path)
-    on = DistillContext(data=digits, data_access=DataAccess.NONE, device=cpu, budget=0.5, seed=0, out_dir=tmp_path,
-                        amp=True)
+    off = make_ctx(digits, DataAccess.NONE, tmp_path)
+    on = make_ctx(digits, DataAccess.NONE, tmp_path, amp=True)
     conv = torch.nn.Conv2d(1, 4, 3)
     x = torch.randn(2, 1, 8, 8)
     with off.autocast():

@@ -112,7 +112,7 @@ def test_impossible_image_size(name, size):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         create_model("lenet5", 0, 1, 32)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="the name is taken"):
         register_model("lenet5")(lambda num_classes, in_channels, image_size: None)
 
 

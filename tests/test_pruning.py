@@ -17,7 +17,7 @@ from bench.data import DatasetInfo
 from bench.metrics import count_flops, count_params
 from bench.models import create_model
 from bench.pruning import PruningError, build_pruned, cache_folder
-from bench.students import StudentContext, build_student, check_spec
+from bench.students import StudentContext, build_student, check_spec, rebuild_student
 
 CPU = torch.device("cpu")
 
@@ -55,7 +55,7 @@ def example(channels: int) -> torch.Tensor:
 def test_lenet5_l1_half_has_the_expected_shapes_and_the_teachers_surviving_weights():
     teacher = make_teacher("lenet5", 1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student, history = build_pruned(teacher, "pruned:l1:0.5", example(1), teacher_key="tkey")
+    student, lineage = build_pruned(teacher, "pruned:l1:0.5", example(1), teacher_key="tkey", teacher_arch="lenet5")
 
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is untouched
     assert [student.conv1.out_channels, student.conv2.out_channels, student.conv3.out_channels] == [3, 8, 60]
@@ -64,9 +64,10 @@ def test_lenet5_l1_half_has_the_expected_shapes_and_the_teachers_surviving_weigh
     assert count_params(student) == 15_738 < count_params(teacher) == 61_706  # = LeNet-5-half's count
     assert count_flops(student, (1, 32, 32))[1] < count_flops(teacher, (1, 32, 32))[1]
     assert student.feature_dim == 60
-    assert student.pruning_spec == "pruned:l1:0.5" and student.pruned_from == "tkey" and history
+    assert lineage.spec == "pruned:l1:0.5" and lineage.teacher_key == "tkey" and lineage.history
+    assert not hasattr(student, "kept_channels")  # the lineage travels beside the module, not on it
 
-    kept = student.kept_channels
+    kept = {name: list(channels) for name, channels in lineage.kept_channels.items()}
     assert set(kept) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
     for name, channels in kept.items():
         layer = getattr(student, name)
@@ -98,7 +99,7 @@ def test_lenet5_l1_half_has_the_expected_shapes_and_the_teachers_surviving_weigh
 
 def test_vgg_bn_slimming_keeps_the_largest_bn_scales_globally_and_the_teachers_weights():
     teacher = make_teacher("vgg11_bn", 3, seed=1)
-    student, _ = build_pruned(teacher, "pruned:slim:0.5", example(3))
+    student, lineage = build_pruned(teacher, "pruned:slim:0.5", example(3))
     t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
     convs = [n for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
     assert count_params(student) < count_params(teacher)
@@ -107,7 +108,7 @@ def test_vgg_bn_slimming_keeps_the_largest_bn_scales_globally_and_the_teachers_w
     prev = torch.arange(3)  # the image channels
     for conv in convs:
         bn = conv.rsplit(".", 1)[0] + "." + str(int(conv.rsplit(".", 1)[1]) + 1)  # features.k -> features.k+1
-        kept = torch.tensor(student.kept_channels[conv])
+        kept = torch.tensor(lineage.kept_channels[conv])
         assert torch.equal(s_mods[conv].weight, t_mods[conv].weight[kept][:, prev])
         assert torch.equal(s_mods[conv].bias, t_mods[conv].bias[kept])
         for field in ("weight", "bias", "running_mean", "running_var"):
@@ -129,8 +130,10 @@ def test_vgg_bn_slimming_keeps_the_largest_bn_scales_globally_and_the_teachers_w
 @pytest.mark.parametrize("arch, channels, spec", [("lenet5", 1, "pruned:l1:0.5"), ("resnet18", 3, "pruned:slim:0.3")])
 def test_cached_student_round_trips_with_identical_outputs(tmp_path, monkeypatch, arch, channels, spec):
     teacher = make_teacher(arch, channels)
-    ctx = StudentContext(teacher=teacher, teacher_key=f"{arch}-key", info=_info(channels), cache_dir=tmp_path, device=CPU)
-    built = build_student(spec, ctx).eval()
+    ctx = StudentContext(teacher=teacher, teacher_key=f"{arch}-key", teacher_arch=arch, info=_info(channels),
+                         cache_dir=tmp_path, device=CPU)
+    built_student = build_student(spec, ctx)
+    built = built_student.model.eval()
     folder = cache_folder(ctx, spec)
     assert (folder / "model.pt").is_file() and (folder / "arch.json").is_file()
     state = torch.load(folder / "model.pt", weights_only=True)  # a plain state dict: no unsafe unpickling needed
@@ -141,10 +144,14 @@ def test_cached_student_round_trips_with_identical_outputs(tmp_path, monkeypatch
         raise AssertionError("the second build must load the cached student, not prune again")
 
     monkeypatch.setattr(bench.pruning, "build_pruned", no_pruning)
-    loaded = build_student(spec, ctx).eval()
+    loaded_student = build_student(spec, ctx)
+    loaded = loaded_student.model.eval()
     assert loaded is not built
-    assert loaded.kept_channels == built.kept_channels and loaded.pruning_spec == spec
-    assert loaded.pruned_from == f"{arch}-key" and loaded.feature_dim == built.feature_dim
+    assert loaded_student.lineage == built_student.lineage and loaded_student.lineage.spec == spec
+    assert loaded_student.lineage.teacher_key == f"{arch}-key" and loaded.feature_dim == built.feature_dim
+    # the architecture alone (no teacher weights) rebuilds from the lineage: what `bench evaluate` does
+    rebuilt = rebuild_student(built_student.record(spec, _info(channels)))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
     x = torch.randn(4, channels, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -153,7 +160,7 @@ def test_cached_student_round_trips_with_identical_outputs(tmp_path, monkeypatch
     if arch == "resnet18":
         # The stem, the second conv of every block and the projection shortcuts feed one residual stream per
         # stage: they are pruned together and keep the same teacher channels.
-        kept = built.kept_channels
+        kept = {k: list(v) for k, v in built_student.lineage.kept_channels.items()}
         assert len(kept["conv1"]) < 64 and kept["conv1"] == kept["layer1.0.conv2"] == kept["layer1.1.conv2"]
         for stage in (2, 3, 4):
             assert kept[f"layer{stage}.0.shortcut.0"] == kept[f"layer{stage}.0.conv2"] == kept[f"layer{stage}.1.conv2"]
@@ -178,7 +185,8 @@ def test_bad_specs_are_refused_naming_the_bad_value(spec, words):
 
 
 def test_slimming_needs_batchnorm(tmp_path):
-    ctx = StudentContext(teacher=make_teacher("lenet5", 1), teacher_key="k", info=_info(1), cache_dir=tmp_path, device=CPU)
+    ctx = StudentContext(teacher=make_teacher("lenet5", 1), teacher_key="k", teacher_arch="lenet5", info=_info(1),
+                         cache_dir=tmp_path, device=CPU)
     with pytest.raises(PruningError) as err:
         build_student("pruned:slim:0.5", ctx)
     assert "pruned:slim:0.5" in str(err.value) and "no BatchNorm" in str(err.value) and "pruned:l1:0.5" in str(err.value)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.grid import expand, load_grid
+from bench.grid import Provenance, expand, load_grid
 
 pytest.importorskip("ray", reason="the Ray executor is an optional extra: pip install 'dfkd-bench[ray]'")
 
@@ -52,7 +52,7 @@ def test_smoke_grid_on_ray_matches_the_local_executor_and_resumes(tmp_path, cach
     local_cols, local_rows = _rows(local)
     ray_cols, ray_rows = _rows(on_ray)
     assert ray_cols == local_cols
-    expected = {c.cell_id for c in expand(load_grid("smoke"))}
+    expected = {c.cell_id for c in expand(load_grid("smoke"), provenance=Provenance("cpu"))}
     assert {r["cell_id"] for r in ray_rows} == {r["cell_id"] for r in local_rows} == expected
     assert len(ray_rows) == len(expected)
     assert {r["cell_id"]: r["status"] for r in ray_rows} == {r["cell_id"]: r["status"] for r in local_rows}
@@ -106,7 +106,7 @@ def test_a_killed_worker_leaves_the_grid_complete_after_resume(tmp_path, cache_d
     assert killed is not None, "no Ray worker running a cell was seen"
     assert proc.returncode == 0, stderr
 
-    expected = {c.cell_id for c in expand(load_grid(str(grid)))}
+    expected = {c.cell_id for c in expand(load_grid(str(grid)), provenance=Provenance("cpu"))}
     _, rows = _rows(out)
     assert {r["cell_id"] for r in rows} == expected  # the grid went on past the dead worker
     failed = [r for r in rows if r["status"] == "failed"]

@@ -84,7 +84,9 @@ def test_grid_runs_resumes_and_reruns(tmp_path, grid_file, cache_dir):
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset"}
+    # empty by design here: no failure, no best-on-test protocol, no caps, no derived student, no resume
+    required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset", "compute_cap", "stopped_by",
+                               "search_seconds", "resumed"}
     for r in rows:
         assert not [c for c in required if r[c] == ""], r
         assert (out / "cells" / r["cell_id"] / "config.json").is_file()
@@ -150,8 +152,9 @@ def test_sigkill_mid_grid_then_resume_completes_only_missing_cells(tmp_path, gri
     rows = _rows(out)
     assert len(rows) == 8 and len({r["cell_id"] for r in rows}) == 8
     after = {r["cell_id"]: r for r in rows}
+    quiet = {"latency_ms", "latency_iqr_ms", "throughput", "teacher_latency_ms"}  # filled by the latency pass
     for cid, row in done_before.items():
-        assert after[cid] == row  # finished rows untouched
+        assert {k: v for k, v in after[cid].items() if k not in quiet} == {k: v for k, v in row.items() if k not in quiet}
 
 
 def test_plugin_method_shows_up_in_the_csv(tmp_path, cache_dir):
