@@ -206,18 +206,16 @@ def teachers_list(cache_dir):
 @_fail_cleanly
 def teachers_train(dataset, arch, seed, device, data_root, cache_dir):
     """Train (or load from the cache) the teacher for DATASET x ARCH with its documented recipe."""
-    from bench.data import load_dataset
+    from bench.data import check_dataset_name, task_data
+    from bench.grid import check_name
+    from bench.models import list_models
     from bench.runner import resolve_device
     from bench.teachers import get_teacher, recipe_for
 
-    from bench.data import list_datasets
-    from bench.grid import check_name
-    from bench.models import list_models
-
-    check_name(dataset, list_datasets(), "dataset", "--dataset", ("imagefolder:",))
+    check_dataset_name(dataset, "--dataset")
     check_name(arch, list_models(), "model", "--arch", ("timm:", "torchvision:"))
     dev = resolve_device(device)
-    data = load_dataset(dataset, root=data_root, device=dev)
+    data = task_data(dataset, root=data_root, device=dev)  # the validation split is held out, as in bench run
     teacher = get_teacher(dataset, arch, data, dev, seed=seed, recipe=recipe_for(dataset), cache_dir=cache_dir,
                           log=lambda it, losses: click.echo(f"  it {it}: loss {float(losses['loss'].detach()):.4f}") if it % 500 == 0 else None)
     click.echo(f"teacher {arch} on {dataset}: {teacher.accuracy:.2f}% test accuracy (key {teacher.key})")
