@@ -228,7 +228,8 @@ class Monitor:
         self.anytime: list[dict[str, float]] = []
         self.next_threshold = 0.0
         self.best_test: float | None = None
-        self.stopped_by: str = ""
+        self.stopped_by: str = ""  # the cap that ended a loop early (or raised inside a step)
+        self.cut_by: str = ""  # the cap that shortened a planned length (plan_steps)
         self.phase_totals: list[int] = []
         self._last_save = time.perf_counter()
         self._resume: dict[str, Any] | None = self._read_checkpoint()
@@ -253,10 +254,13 @@ class Monitor:
         """``total`` steps cut to what fits under the step and (given the cost per step) query caps."""
         total = max(1, int(total))
         if self.budget.student_steps is not None:
-            total = min(total, max(1, int(self.budget.student_steps) - self.student_steps))
+            left = max(1, int(self.budget.student_steps) - self.student_steps)
+            if left < total:
+                total, self.cut_by = left, "student_steps"
         if self.budget.teacher_queries is not None and queries_per_step:
-            left = self.budget.teacher_queries - self.counter.count
-            total = min(total, max(1, int(left // queries_per_step)))
+            left = max(1, int((self.budget.teacher_queries - self.counter.count) // queries_per_step))
+            if left < total:
+                total, self.cut_by = left, "teacher_queries"
         return total
 
     def steps(self, total: int, name: str, student: bool, log_every: int) -> Iterator[int]:

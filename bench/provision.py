@@ -146,7 +146,7 @@ def distill(method: Method, teacher: nn.Module, student: Student, data: ImageDat
         mon.tracked["student"] = model
         mon.finish()
         return Outcome(student=model, seconds=round(seconds, 3), teacher_queries=counter.count,
-                       student_steps=mon.student_steps, stopped_by=mon.stopped_by,
+                       student_steps=mon.student_steps, stopped_by=mon.stopped_by or mon.cut_by,
                        real_samples_used=ctx.real_samples_used, best_test=mon.best_test, anytime=mon.anytime,
                        iterations=sum(mon.phase_totals), amp_active=ctx.amp_active,
                        peak_mem_mb=round(peak_memory_mb(device), 1), resumed_from=mon.resumed_from)
