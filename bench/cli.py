@@ -194,7 +194,8 @@ def teachers_list(cache_dir):
     if not rows:
         click.echo(f"no cached teachers in {resolve_cache_dir(cache_dir) / 'teachers'}")
     for r in rows:
-        click.echo(f"{r['key']}  {r['dataset']:<14} {r['arch']:<12} seed={r['seed']} acc={r['accuracy']:.2f}% "
+        val = f" val={r['val_accuracy']:.2f}%" if r.get("val_accuracy") is not None else ""
+        click.echo(f"{r['key']}  {r['dataset']:<14} {r['arch']:<12} seed={r['seed']} test={r['accuracy']:.2f}%{val} "
                    f"({r['train_seconds']} s on {r['device']}, {r['created']})")
 
 
@@ -218,7 +219,9 @@ def teachers_train(dataset, arch, seed, device, data_root, cache_dir):
     data = task_data(dataset, root=data_root, device=dev)  # the validation split is held out, as in bench run
     teacher = get_teacher(dataset, arch, data, dev, seed=seed, recipe=recipe_for(dataset), cache_dir=cache_dir,
                           log=lambda it, losses: click.echo(f"  it {it}: loss {float(losses['loss'].detach()):.4f}") if it % 500 == 0 else None)
-    click.echo(f"teacher {arch} on {dataset}: {teacher.accuracy:.2f}% test accuracy (key {teacher.key})")
+    val = teacher.meta.get("val_accuracy")
+    click.echo(f"teacher {arch} on {dataset}: {teacher.accuracy:.2f}% test accuracy"
+               + (f", {val:.2f}% validation accuracy" if val is not None else "") + f" (key {teacher.key})")
 
 
 @main.command()

@@ -18,6 +18,7 @@ import inspect
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 # Harness code that every cell's numbers run through: the context and its step loop, the training
@@ -72,6 +73,15 @@ def modules_hash(names) -> str:
         path = _module_file(name) if name else None
         if path is not None:
             digest.update(f"{name}:{source_hash(path)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def objects_hash(objects) -> str:
+    """One hash over the code of functions and classes (their AST without docstrings), in order."""
+    digest = hashlib.sha256()
+    for obj in objects:
+        tree = _strip_docstrings(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+        digest.update(f"{obj.__module__}.{obj.__qualname__}:{ast.dump(tree)};".encode())
     return digest.hexdigest()[:16]
 
 

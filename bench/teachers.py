@@ -26,16 +26,18 @@ from bench.config import from_mapping, to_dict
 from bench.data import ImageData, fingerprint
 from bench.metrics import evaluate_accuracy
 from bench.models import create_model
-from bench.provenance import file_hash, modules_hash
+from bench.provenance import file_hash, modules_hash, objects_hash
 from bench.training import TrainConfig, schedule, train
 from bench.transforms import BatchStream, augment, to_float
 
-# the code a harness-trained teacher is the output of (part of its cache key)
-TEACHER_CODE = ("bench.teachers", "bench.training", "bench.transforms", "bench.models")
-
 
 def teacher_code_hash() -> str:
-    return modules_hash(TEACHER_CODE)
+    """The code a harness-trained teacher is the output of (part of its cache key): the training loop, the
+    batch transforms and the model zoo. (Checkpoint loading and caching code is not: it changes no weights.)"""
+    import bench.training as training
+
+    return modules_hash(("bench.transforms", "bench.models")) + objects_hash(
+        (train_teacher, TeacherRecipe, training.TrainConfig, training.schedule, training.train, training.make_optimizer))
 
 
 @dataclass
@@ -188,7 +190,10 @@ def get_teacher(dataset: str, arch: str, data: ImageData, device: torch.device, 
         on_train(schedule(recipe, 1.0, info.train_size).total)
     started = time.perf_counter()
     train_teacher(model, data, recipe, log)
+    val = evaluate_accuracy(model, data.val_x, data.val_y, lambda xb: to_float(xb, info)) \
+        if data.val_x is not None and data.val_x.shape[0] else None
     meta = {"dataset": dataset, "arch": arch, "seed": seed, "recipe": to_dict(recipe), "accuracy": evaluate(model),
+            "val_accuracy": val,
             "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / "model.pt")
@@ -203,5 +208,5 @@ def list_cached(cache_dir: Path | None = None) -> list[dict[str, Any]]:
     for meta_path in sorted(root.glob("*/meta.json")):
         meta = json.loads(meta_path.read_text())
         rows.append({"key": meta_path.parent.name, **{k: meta.get(k) for k in
-                     ("dataset", "arch", "seed", "accuracy", "train_seconds", "device", "created")}})
+                     ("dataset", "arch", "seed", "accuracy", "val_accuracy", "train_seconds", "device", "created")}})
     return rows

@@ -22,9 +22,14 @@ from methods.fskd import FSKD, FSKDConfig
 
 @dataclass
 class FSKDPlusConfig(FSKDConfig):
-    ridge: float = 1e-2  # relative ridge (harness choice, validation study examples/studies/fskd_samples.yaml)
-    fit_linear: bool = True  # hidden Linear layers as 1x1 blocks (harness extension)
-    fit_classifier: bool = True  # a K x K Q on the logits, merged into the classifier (harness extension)
+    # Relative ridge (harness choice). examples/studies/fskd_samples.yaml, Fashion-MNIST LeNet-5 pruned by L1
+    # at 30% and 50%, 2 seeds, *validation* accuracy at FSKD's n=500: ridge 1e-8 / 1e-3 / 1e-2 / 1e-1 ->
+    # 87.10 / 87.11 / 86.67 / 81.74 (30%) and 83.14 / 83.20 / 81.68 / 75.75 (50%); 1e-3 is the best there and
+    # within 0.6 points of the best (1e-2) averaged over n = 50, 100, 500.
+    ridge: float = 1e-3
+    fit_linear: bool = True  # hidden Linear layers as 1x1 blocks (harness extension; +5.0 points on val at 50%, n=500)
+    # a K x K Q on the logits, merged into the classifier (harness extension; within +-0.3 points on val in the study)
+    fit_classifier: bool = True
 
 
 @register("fskd_plus")
