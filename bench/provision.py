@@ -24,7 +24,6 @@ import math
 import os
 import random
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

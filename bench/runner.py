@@ -38,7 +38,7 @@ from bench.metrics import count_flops, count_params
 from bench.models import create_model
 from bench.provenance import git_state
 from bench.store import ResultsStore
-from bench.students import build_student, check_compatible, is_derived, rebuild_student
+from bench.students import build_student, check_compatible, rebuild_student
 from bench.teachers import Teacher, TeacherRecipe, get_teacher, load_into, load_state_dict, resolve_cache_dir
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from bench.cli import main
 from bench.data import ImageData, carve_validation, load_dataset, task_data
 from bench.grid import Provenance, expand, load_grid
-from bench.method import DataAccess, DataAccessError, get_method
+from bench.method import DataAccess, DataAccessError
 from tests.helpers import make_ctx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_alternative_data_from_the_tasks_own_source_is_refused(tmp_path):
 
 def test_a_method_cannot_obtain_test_accuracy(digits, teacher, tmp_path):
     """ctx.evaluate answers with validation accuracy; the best-on-test of a paper protocol is recorded, not returned."""
-    from bench.method import Method, register
+    from bench.method import Method
     from bench.metrics import evaluate_accuracy
     from bench.models import create_model
     from bench.transforms import to_float
