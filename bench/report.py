@@ -244,9 +244,9 @@ def _cap_text(cap: str) -> str:
 
 
 def _stopped_text(ok: pd.DataFrame) -> str:
-    """Which cap stopped the finished seeds: 'seconds (2/3)'; '' when none did."""
+    """Which cap stopped the finished seeds: '2/3 seeds stopped by seconds'; '' when none did."""
     counts = ok["stopped_by"][ok["stopped_by"] != ""].value_counts()
-    return ", ".join(f"{name} ({n}/{len(ok)})" for name, n in sorted(counts.items()))
+    return ", ".join(f"{n}/{len(ok)} seeds stopped by {name}" for name, n in sorted(counts.items()))
 
 
 _DEFAULTS_CACHE: dict[tuple[str, str, str], dict | None] = {}
@@ -766,7 +766,10 @@ def _anytime_figure(anytime: pd.DataFrame, x: str, title: str, colours):
 
     fig, axes = _figure(8.6, 4.4)
     ax = axes[0, 0]
-    grid = geometric_grid(*anytime_range(anytime[x]))
+    lo, hi = anytime_range(anytime[x])
+    ends = anytime.groupby("cell_id")[x].max()
+    # each cell's last checkpoint joins the grid, so that a line reaches its final value before turning dotted
+    grid = np.unique(np.concatenate([geometric_grid(lo, hi), ends[(ends >= lo) & (ends <= hi)].to_numpy(dtype=float)]))
     handles = []
     for label, curves in anytime.groupby("label", sort=True):
         band = anytime_band(curves, x, grid)
@@ -823,7 +826,12 @@ def _curves_figure(curves, title, colours, collapses=None):
     styles = {p: LINESTYLES[i % len(LINESTYLES)] for i, p in enumerate(pairs)}
     for ax, key in zip(axes.flat, shown):
         part = curves[curves["key"] == key]
-        for (label, pair), group in part.groupby(["label", "pair"], sort=True):
+        if key == "sample_std":  # one line per seed: a mean would hide the one seed whose generator collapsed
+            for (label, pair, _), group in part.groupby(["label", "pair", "cell_id"], sort=True):
+                group = group.sort_values("step")
+                ax.plot(group["step"], group["value"], color=colours[label], linestyle=styles[pair], linewidth=1.2,
+                        marker="o" if len(group) <= 2 else None, markersize=4)
+        for (label, pair), group in part.groupby(["label", "pair"], sort=True) if key != "sample_std" else ():
             stats = group.groupby("step")["value"].agg(["mean", "min", "max"]).sort_index()
             ax.plot(stats.index, stats["mean"], color=colours[label], linestyle=styles[pair], linewidth=1.5,
                     marker="o" if len(stats) <= 2 else None, markersize=4)
@@ -898,7 +906,7 @@ def _steps(row: pd.Series) -> str:
     return _si(steps if np.isfinite(steps) else row.get("iterations_mean", math.nan))
 
 
-TABLE_TEXT_HEADERS = ("pair", "method", "data", "budget", "stopped by", "overrides (vs the method's preset)", "collapsed")
+TABLE_TEXT_HEADERS = ("pair", "method", "data", "budget (stopped by)", "overrides (vs the method's preset)", "collapsed")
 
 
 def table_rows(agg: pd.DataFrame, show_best: bool,
@@ -909,10 +917,10 @@ def table_rows(agg: pd.DataFrame, show_best: bool,
     header = ["pair", "method", "data", "seeds ok", "final test acc %", "val acc %"]
     if show_best:
         header.append("best-on-test acc % (paper protocol)")
-    header += ["budget", "stopped by", "student steps", "teacher queries", "distill s", "params", "MACs",
-               "latency ms (CPU, b=1, per student arch)", "real samples", "overrides (vs the method's preset)"]
     if collapsed is not None:
         header.append("collapsed")
+    header += ["budget (stopped by)", "overrides (vs the method's preset)", "student steps", "teacher queries",
+               "distill s", "real samples", "params", "MACs", "latency ms (CPU, b=1, per student arch)"]
     agg = agg.sort_values(["pair", "student_acc_mean", "label"], ascending=[True, False, True], na_position="last")
     best = agg.groupby("pair")["student_acc_mean"].transform("max")
     rows, flags = [], []
@@ -922,13 +930,15 @@ def table_rows(agg: pd.DataFrame, show_best: bool,
                  _pm(row["student_acc_val_mean"], row["student_acc_val_std"])]
         if show_best:
             cells.append(_pm(row["student_acc_best_mean"], row["student_acc_best_std"]))
-        cells += [row["budget_text"] or "–", row["stopped_by_text"] or "–", _steps(row), _si(row["teacher_queries_mean"]),
-                  _seconds(row["distill_seconds_mean"]), _si(row["params_mean"]), _si(row["macs_mean"]),
-                  _median_iqr(row["arch_latency_ms_median"], row["arch_latency_ms_iqr"]),
-                  _si(row["real_samples_used_mean"]), row["overrides"] or "none"]
         if collapsed is not None:
             n = collapsed.get((row["pair"], row["label"]), 0)
             cells.append(f"{n}/{row['n_ok']} seeds" if n else "")
+        budget = row["budget_text"] or "–"
+        if row["stopped_by_text"]:
+            budget += f"; {row['stopped_by_text']}"
+        cells += [budget, row["overrides"] or "none", _steps(row), _si(row["teacher_queries_mean"]),
+                  _seconds(row["distill_seconds_mean"]), _si(row["real_samples_used_mean"]), _si(row["params_mean"]),
+                  _si(row["macs_mean"]), _median_iqr(row["arch_latency_ms_median"], row["arch_latency_ms_iqr"])]
         rows.append(cells)
         flags.append(bool(np.isfinite(row["student_acc_mean"]) and row["student_acc_mean"] == top))
     return header, rows, flags
@@ -1098,8 +1108,8 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
         Block("heading", "Pair × method", anchor=f"table-{slug}", nav="table"),
         Block("text", "Sorted by final test accuracy within each pair; bold: the best of the pair. val acc: the "
               "validation split (held out from every method; what defaults and budgets may be chosen on). Budget: "
-              "the fraction of the paper's iteration budget and any compute cap; stopped by: the cap that ended a "
-              "seed early. Overrides: hyperparameters that differ from the method's registered preset for this "
+              "the fraction of the paper's iteration budget and any compute cap, and which cap ended how many seeds "
+              "early. Overrides: hyperparameters that differ from the method's registered preset for this "
               "dataset." + (" Best-on-test: the paper protocol (best test evaluation during training), optimistic."
                             if show_best else "")),
         Block("table", header=header, rows=rows, flags=flags, label_col=1, left=text_cols)]
@@ -1180,7 +1190,7 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
         plot = Plot(name=f"curves_{slug}", title="Training curves",
                     caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
                             "mean over seeds, band = min–max over seeds; line style = teacher → student pair."
-                            + (f" sample_std: the per-pixel std of a generated batch; below {COLLAPSE_STD:g} (dotted) "
+                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} (dotted) "
                                "the generator has collapsed (X: the first such step of a cell)."
                                if (part_curves["key"] == "sample_std").any() else ""))
         fig, omitted = _curves_figure(part_curves, title, colours, section.collapses)
@@ -1339,7 +1349,7 @@ figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.86rem;
 pre{background:#f3f4f6;padding:8px;overflow-x:auto;font-size:.78rem}details{margin:2px 0}
 .failed td{vertical-align:top}.failed td.err{white-space:normal;text-align:left;max-width:560px}
 """
-WRAP_HEADERS = ("overrides (vs the method's preset)",)
+WRAP_HEADERS = ("overrides (vs the method's preset)", "budget (stopped by)")
 
 
 def _e(value) -> str:

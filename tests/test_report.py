@@ -158,8 +158,8 @@ def test_html_structure(rendered):
     header, rows = table[0], table[1:]
     col = {h: i for i, h in enumerate(header)}
     assert header[:6] == ["pair", "method", "data", "seeds ok", "final test acc %", "val acc %"]
-    for needed in ("best-on-test acc % (paper protocol)", "budget", "stopped by", "student steps", "teacher queries",
-                   "overrides (vs the method's preset)", "collapsed"):
+    for needed in ("best-on-test acc % (paper protocol)", "collapsed", "budget (stopped by)", "student steps",
+                   "teacher queries", "overrides (vs the method's preset)"):
         assert needed in col, needed
     # every (pair, method) once, sorted by accuracy within a pair
     methods = [(r[0], r[1]) for r in rows]
@@ -168,7 +168,7 @@ def test_html_structure(rendered):
     kd = next(r for r in rows if r[:2] == ["lenet5 → lenet5_half", "kd"])
     assert kd[col["final test acc %"]] == "86.30 ± 0.25"  # mean ± sample std of 86.12 and 86.47
     assert kd[col["val acc %"]] == f"{np.mean([87.25, 86.05]):.2f} ± {np.std([87.25, 86.05], ddof=1):.2f}"
-    assert kd[col["budget"]] == "0.1× paper" and kd[col["student steps"]] == "235"
+    assert kd[col["budget (stopped by)"]] == "0.1× paper" and kd[col["student steps"]] == "235"
     assert kd[col["overrides (vs the method's preset)"]] == "none"
     dafl = next(r for r in rows if r[1] == "dafl")
     assert dafl[col["best-on-test acc % (paper protocol)"]] == f"{np.mean([72.76, 69.72]):.2f} ± {np.std([72.76, 69.72], ddof=1):.2f}"
@@ -186,8 +186,7 @@ def test_budgets_caps_and_overrides_in_the_table(rendered):
     table = _table_after(_section((out / "index.html").read_text(), "digits"), 'id="table-digits"')
     col = {h: i for i, h in enumerate(table[0])}
     dafl = next(r for r in table[1:] if r[1] == "dafl")
-    assert dafl[col["budget"]] == "cap 30K teacher queries"
-    assert dafl[col["stopped by"]] == "teacher_queries (1/1)"
+    assert dafl[col["budget (stopped by)"]] == "cap 30K teacher queries; 1/1 seeds stopped by teacher_queries"
     assert dafl[col["teacher queries"]] == "30K" and dafl[col["student steps"]] == "234"
     assert dafl[col["overrides (vs the method's preset)"]] == "batch_size=128, gen_width=32"
     assert dafl[col["seeds ok"]] == "1/2"
