@@ -279,6 +279,7 @@ def test_old_format_csv_renders(tmp_path):
     assert kd[col["latency ms (CPU, b=1, per student arch)"]].startswith(f"{half.median():.3f} (IQR ")
     env = page.split('id="environment"')[1]
     assert re.search(r"git tree</th><td[^>]*>– \(not recorded\)", env)
+    assert re.search(r"cells resumed after a stop</th><td[^>]*>– \(not recorded\)", env)
     assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts per data access" in page
 
 
