@@ -3,21 +3,33 @@
 Input (written by ``bench run``):
 
 - ``RESULTS_DIR/runs.csv``: one row per cell, columns :data:`bench.store.COLUMNS`;
-- ``RESULTS_DIR/cells/<cell_id>/curve.jsonl``: the training curve (JSON lines ``{"step": ..., <scalar>: ...}``);
+- ``RESULTS_DIR/cells/<cell_id>/curve.jsonl``: the method's training log (JSON lines ``{"step": ..., <scalar>: ...}``;
+  generator methods log ``sample_std``, methods with per-epoch evaluations log ``val_acc``);
+- ``RESULTS_DIR/cells/<cell_id>/anytime.jsonl``: the harness's anytime curve, one line per compute checkpoint
+  ``{"val_acc", "teacher_queries", "student_steps", "seconds"}`` (validation accuracy only, never test);
 - ``RESULTS_DIR/cells/<cell_id>/samples.png``: generated/synthesised images (optional);
 - ``RESULTS_DIR/cells/<cell_id>/error.txt``: the traceback of a failed cell (optional);
-- ``RESULTS_DIR/grid.json``: the grid's name and description (optional).
+- ``RESULTS_DIR/grid.json``: the grid's name, description and current cell ids (optional).
 
 Output (default ``reports/<results dir name>``): ``index.html`` (self-contained: every plot inline as a
-base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary.csv`` (the aggregated table) and
-every plot as ``plots/<name>.png`` and ``plots/<name>.svg``.
+base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary.csv`` (the aggregated table),
+``best_at_budget.csv`` and ``latency_budget.csv`` (the two decision tables) and every plot as
+``plots/<name>.png`` and ``plots/<name>.svg``.
 
-Per dataset: accuracy vs CPU latency with its Pareto front, accuracy vs MACs and vs params, accuracy vs
-real data used (the data-access axis), accuracy vs distillation cost, the pair x method table, training
-curves and sample grids; then failed cells and the environment. Accuracy is the final student's top-1
-test accuracy, mean +- std over seeds; best-on-test appears only in the table, labelled as the paper
-protocol. Each method keeps one colour (from its sorted label) in every figure; each student one marker.
-Only pandas, matplotlib and seaborn are used: nothing here runs a model.
+Per dataset: accuracy vs CPU latency with one Pareto front per data-access level, the latency-budget table
+(best student and method under each latency, per data-access level), the pair x method table (final test
+accuracy, validation accuracy, budget, steps, queries, what stopped the cell, the hyperparameters that differ
+from the method's preset), accuracy vs MACs, params, real data and seconds, per pair the anytime curves
+(validation accuracy against teacher queries and against seconds, band over seeds) with the best method at
+each compute budget, training curves (with the generator's ``sample_std`` and collapse flags) and sample
+grids; then failed cells and the environment.
+
+The headline is the final student's top-1 *test* accuracy, mean +- std over seeds; best-on-test appears only
+in the table, labelled as the paper protocol; everything drawn from the anytime curves is *validation*
+accuracy and says so. A user with data access L may use every method that needs no more data than L
+(none < alt < few < full): the fronts and decision tables are cumulative in that order. Each method keeps
+one colour (from its sorted label) in every figure; each student one marker. Only pandas, matplotlib and
+seaborn draw; the method registry is imported only to state which hyperparameters a row overrides.
 """
 from __future__ import annotations
 
@@ -40,20 +52,33 @@ from bench.store import COLUMNS
 
 # Without these the rows cannot be placed in a table at all.
 REQUIRED_COLUMNS = ("dataset", "teacher", "student", "method", "student_acc")
-NUMERIC_COLUMNS = ("seed", "budget", "real_samples_used", "teacher_queries", "teacher_acc", "student_acc",
-                   "student_acc_best", "params", "flops", "macs", "teacher_params", "teacher_macs", "latency_ms",
-                   "latency_iqr_ms", "latency_threads", "throughput", "distill_seconds", "iterations", "peak_mem_mb",
-                   "teacher_latency_ms")
+NUMERIC_COLUMNS = ("seed", "budget", "validation", "real_samples_used", "teacher_queries", "student_steps", "teacher_acc",
+                   "student_acc", "student_acc_val", "student_acc_best", "params", "flops", "macs", "num_classes",
+                   "teacher_params", "teacher_macs", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
+                   "distill_seconds", "search_seconds", "iterations", "peak_mem_mb", "teacher_latency_ms")
 DATA_ACCESS_ORDER = ("none", "alt", "few", "full")
 DATA_ACCESS_TEXT = {"none": "none\n(data-free)", "alt": "alt\n(other real data)", "few": "few\nsamples",
                     "full": "full\ntraining set"}
+# The heading of a cumulative column: a user with this access may use every method that needs no more.
+USER_ACCESS_TEXT = {"none": "data-free (none)", "alt": "≤ alt (other real data)", "few": "≤ few samples",
+                    "full": "≤ full (any method)"}
+# One colour and line style per data-access level, for the per-level Pareto fronts (method colours are separate).
+ACCESS_STYLE = {"none": ("#b2182b", (0, (5, 2)), 1.6), "alt": ("#e08214", (0, (6, 2, 1, 2)), 2.2),
+                "few": ("#2166ac", (0, (1, 1.5)), 2.8), "full": ("0.25", "-", 3.6)}
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8")
 LINESTYLES = ("-", "--", ":", "-.")
 TEACHER_MARKER = "*"
-MAX_CURVE_PANELS = 9
-STAT_COLUMNS = ("student_acc", "student_acc_best", "params", "macs", "flops", "latency_ms", "latency_iqr_ms",
-                "distill_seconds", "real_samples_used", "teacher_queries", "throughput", "iterations")
+MAX_CURVE_PANELS = 12
+STAT_COLUMNS = ("student_acc", "student_acc_val", "student_acc_best", "params", "macs", "flops", "latency_ms",
+                "latency_iqr_ms", "distill_seconds", "search_seconds", "real_samples_used", "teacher_queries",
+                "student_steps", "throughput", "iterations")
+COLLAPSE_STD = 0.02  # a generated batch whose per-pixel std falls below this is one image: the generator collapsed
+ANYTIME_AXES = {"teacher_queries": "teacher queries (images through the teacher)",
+                "seconds": "distillation seconds (wall clock)"}
+ANYTIME_POINTS = 96  # points of the common geometric grid the seeds' anytime curves are read at
+MAX_LADDER = 8  # rungs of the compute-budget ladder
+ANYTIME_DECADES = 3.0  # the anytime axes start at most this many decades below the largest compute reached
 
 
 class ReportError(ValueError):
@@ -85,7 +110,8 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     notes = []
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        notes.append(f"runs.csv lacks the column(s) {', '.join(missing)}: what needs them is left out or shown as '–'.")
+        notes.append(f"runs.csv lacks the column(s) {', '.join(missing)} (written by an older `bench run`): "
+                     "what needs them is left out or shown as '–'.")
     unknown = [c for c in df.columns if c not in COLUMNS]
     if unknown:
         notes.append(f"runs.csv has column(s) this report does not know and ignores: {', '.join(unknown)}.")
@@ -105,7 +131,9 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     for column in ("dataset", "teacher", "student", "label", "data_access"):
         df[column] = df[column].replace("", "?")
     df["pair"] = df["teacher"] + " → " + df["student"]
-    return df.reset_index(drop=True), notes
+    df = df.reset_index(drop=True)
+    df.attrs["missing_columns"] = missing
+    return df, notes
 
 
 def method_colours(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
@@ -121,35 +149,158 @@ def student_markers(students: Iterable[str]) -> dict[str, str]:
     return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(sorted(set(students)))}
 
 
+def access_rank(level: str) -> int:
+    """Position of a data-access level in none < alt < few < full; unknown levels come after full."""
+    return DATA_ACCESS_ORDER.index(level) if level in DATA_ACCESS_ORDER else len(DATA_ACCESS_ORDER)
+
+
+def usable_by(user_level: str, method_level: str) -> bool:
+    """Whether a user with ``user_level`` data may run a method that needs ``method_level``.
+
+    The levels form the chain none < alt < few < full; a level outside it (e.g. '?') is usable only by itself."""
+    if user_level not in DATA_ACCESS_ORDER or method_level not in DATA_ACCESS_ORDER:
+        return user_level == method_level
+    return access_rank(method_level) <= access_rank(user_level)
+
+
+def access_levels(levels: Iterable[str]) -> list[str]:
+    """The levels present, in chain order (unknown ones last, sorted)."""
+    present = set(levels)
+    return [a for a in DATA_ACCESS_ORDER if a in present] + sorted(present - set(DATA_ACCESS_ORDER))
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def arch_latency(ok: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
+    """``{architecture key: (latency median ms, IQR ms)}`` for the finished rows ``ok``.
+
+    Current runs time each architecture once, in quiet, after all cells: every row with the same ``arch_id``
+    carries the same figure and its measured IQR. Rows of older runs (no ``arch_id``) carried a per-cell
+    timing: those are pooled per (dataset, student, params, MACs), median and IQR of the pooled values,
+    so that one cell timed while the machine was busy cannot move the point."""
+    out = {}
+    for key, group in ok.groupby(["dataset", "arch_id", "student", "params", "macs"], dropna=False):
+        values = group["latency_ms"].dropna()
+        if not len(values):
+            continue
+        if key[1]:
+            iqr = group["latency_iqr_ms"].dropna()
+            out[key] = (values.median(), iqr.median() if len(iqr) else math.nan)
+        else:
+            out[key] = (values.median(), values.quantile(0.75) - values.quantile(0.25) if len(values) > 1 else math.nan)
+    return out
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, teacher, student, method label): mean and std over the finished seeds.
 
-    ``arch_latency_ms_median/iqr`` pool the latency of every finished cell of the dataset with the same
-    student architecture (student spec, params, MACs): latency belongs to the architecture, not to the
-    method that trained its weights, so per-method differences are timing noise and must not decide
-    the Pareto front. Median and interquartile range, because one cell timed while the machine was
-    busy must not move the point or widen its error bar across the whole plot.
-    """
+    ``arch_latency_ms_median/iqr`` is the student architecture's latency (see :func:`arch_latency`): latency
+    belongs to the architecture, not to the method that trained its weights. ``budget_text`` is the budget
+    fraction and compute cap, ``stopped_by_text`` which cap stopped how many seeds, ``overrides`` the
+    hyperparameters that differ from the method's preset (see :func:`method_overrides`)."""
     keys = ["dataset", "teacher", "student", "pair", "label"]
     ok_all = df[df["status"] == "ok"]
-    arch_keys = ["dataset", "student", "params", "macs"]
-    pooled = {key: group["latency_ms"].dropna() for key, group in ok_all.groupby(arch_keys, dropna=False)}
+    latency = arch_latency(ok_all)
+    overrides = method_overrides(df)
     rows = []
     for key, group in df.groupby(keys, sort=True):
         ok = group[group["status"] == "ok"]
         row = dict(zip(keys, key))
         row.update(method=group["method"].iloc[0], data_access=_first(group["data_access"]),
                    teacher_access=_first(group["teacher_access"]), best_protocol=_first(ok["best_protocol"]),
-                   n_ok=len(ok), n_total=len(group))
+                   n_ok=len(ok), n_total=len(group), budget_text=_budget_text(group), stopped_by_text=_stopped_text(ok),
+                   overrides="; ".join(sorted(set(overrides.loc[group.index]) - {""})) or "")
         for column in STAT_COLUMNS:
             values = ok[column].dropna()
             row[f"{column}_mean"] = values.mean() if len(values) else math.nan
             row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-        arch = pooled.get(tuple(ok[arch_keys].iloc[0]), pd.Series(dtype=float)) if len(ok) else pd.Series(dtype=float)
-        row["arch_latency_ms_median"] = arch.median() if len(arch) else math.nan
-        row["arch_latency_ms_iqr"] = arch.quantile(0.75) - arch.quantile(0.25) if len(arch) > 1 else math.nan
+        arch = tuple(ok[["dataset", "arch_id", "student", "params", "macs"]].iloc[0]) if len(ok) else None
+        row["arch_latency_ms_median"], row["arch_latency_ms_iqr"] = latency.get(arch, (math.nan, math.nan))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _budget_text(rows: pd.DataFrame) -> str:
+    """'0.05× paper', 'cap 30K teacher queries', or both; distinct values of the rows joined."""
+    texts = []
+    for fraction, cap in sorted({(f, c) for f, c in zip(rows["budget"], rows["compute_cap"])}, key=str):
+        parts = []
+        if isinstance(cap, str) and cap:
+            parts += [_cap_text(c.strip()) for c in cap.split(",")]
+        if fraction is not None and np.isfinite(fraction) and (fraction != 1 or not parts):
+            parts.insert(0, f"{fraction:g}× paper")
+        texts.append(", ".join(parts))
+    return "; ".join(t for t in texts if t)
+
+
+def _cap_text(cap: str) -> str:
+    name, _, value = cap.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return f"cap {cap}"
+    if name == "seconds":
+        return f"cap {number:g} s"
+    return f"cap {_si(number)} {name.replace('_', ' ')}"
+
+
+def _stopped_text(ok: pd.DataFrame) -> str:
+    """Which cap stopped the finished seeds: '2/3 seeds stopped by seconds'; '' when none did."""
+    counts = ok["stopped_by"][ok["stopped_by"] != ""].value_counts()
+    return ", ".join(f"{n}/{len(ok)} seeds stopped by {name}" for name, n in sorted(counts.items()))
+
+
+_DEFAULTS_CACHE: dict[tuple[str, str, str], dict | None] = {}
+
+
+def method_defaults(method: str, dataset: str, preset: str = "") -> dict | None:
+    """The method's registered Config for ``dataset`` (its preset), as plain data; None if not registered here."""
+    key = (method, dataset, preset)
+    if key not in _DEFAULTS_CACHE:
+        from bench.config import ConfigError, to_dict
+        from bench.method import get_method
+
+        try:
+            _, config = get_method(method).resolve_config(dataset, preset=preset or None)
+            _DEFAULTS_CACHE[key] = json.loads(json.dumps(to_dict(config), default=str))
+        except (ConfigError, ImportError, TypeError):  # a plugin not loaded here, a preset renamed since
+            _DEFAULTS_CACHE[key] = None
+    return _DEFAULTS_CACHE[key]
+
+
+def method_overrides(df: pd.DataFrame) -> pd.Series:
+    """Per row: the fields of ``method_params`` that differ from the method's preset for the row's dataset.
+
+    Text like ``batch_size=128, gen_width=32``; '' for none. Where the method is not registered in this
+    process (a plugin) the row's fields are compared with the other rows of the same method and dataset
+    instead, and the text ends with '(vs other rows)'."""
+    parsed = {}
+    for index, text in df["method_params"].items():
+        try:
+            value = json.loads(text) if isinstance(text, str) and text else None
+        except json.JSONDecodeError:
+            value = None
+        parsed[index] = value if isinstance(value, dict) else None
+    out = pd.Series("", index=df.index, dtype=object)
+    for (method, dataset), group in df.groupby(["method", "dataset"], sort=False):
+        for index, row in group.iterrows():
+            params = parsed[index]
+            if params is None:
+                continue
+            defaults = method_defaults(method, dataset, row["preset"] if isinstance(row["preset"], str) else "")
+            if defaults is not None:
+                diff = {k: v for k, v in params.items() if k not in defaults or defaults[k] != v}
+                out[index] = _kv_text(diff)
+            else:
+                others = [parsed[i] for i in group.index if parsed[i] is not None]
+                varying = {k for p in others for k in p if any(q.get(k) != p.get(k) for q in others)}
+                out[index] = (_kv_text({k: params.get(k) for k in sorted(varying)}) + " (vs other rows)") if varying else ""
+    return out
+
+
+def _kv_text(values: dict) -> str:
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return ", ".join(f"{k}={fmt(v)}" for k, v in sorted(values.items()))
 
 
 def teachers_of(df: pd.DataFrame) -> pd.DataFrame:
@@ -173,9 +324,216 @@ def pareto_front(points: pd.DataFrame, cost: str, gain: str) -> pd.DataFrame:
     return usable.loc[front]
 
 
+def access_fronts(points: pd.DataFrame, cost: str, gain: str) -> dict[str, pd.DataFrame]:
+    """``{user level: Pareto front}`` per data-access level present: the front of the methods that level may run."""
+    fronts = {}
+    for level in access_levels(points["data_access"]):
+        usable = points[[usable_by(level, a) for a in points["data_access"]]]
+        fronts[level] = pareto_front(usable, cost, gain)
+    return fronts
+
+
+def latency_budget_table(points: pd.DataFrame) -> pd.DataFrame:
+    """For each latency budget (the distinct student latencies) and user data-access level: the student and
+    method with the best mean final test accuracy among the rows at or under that latency that the level may
+    run (ties: the faster, then the label). ``points``: aggregated rows with ``arch_latency_ms_median``."""
+    usable = points.dropna(subset=["arch_latency_ms_median", "student_acc_mean"])
+    rows = []
+    for budget in sorted(usable["arch_latency_ms_median"].unique()):
+        under = usable[usable["arch_latency_ms_median"] <= budget]
+        for level in access_levels(usable["data_access"]):
+            candidates = under[[usable_by(level, a) for a in under["data_access"]]]
+            if not len(candidates):
+                rows.append({"latency_budget_ms": budget, "user_access": level})
+                continue
+            best = candidates.sort_values(["student_acc_mean", "arch_latency_ms_median", "label"],
+                                          ascending=[False, True, True]).iloc[0]
+            rows.append({"latency_budget_ms": budget, "user_access": level,
+                         **{c: best[c] for c in ("dataset", "pair", "student", "label", "data_access", "student_acc_mean",
+                                                 "student_acc_std", "n_ok", "params_mean", "macs_mean",
+                                                 "arch_latency_ms_median", "arch_latency_ms_iqr")}})
+    return pd.DataFrame(rows)
+
+
 def _first(values: pd.Series) -> str:
     values = [v for v in values if isinstance(v, str) and v]
     return values[0] if values else ""
+
+
+# ---------------------------------------------------------------------------------------------- anytime curves
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def load_anytime(df: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
+    """Every finished cell's ``anytime.jsonl`` as rows (cell_id, dataset, pair, label, data_access, seed, order,
+    val_acc, teacher_queries, student_steps, seconds, final). Failed cells are left out: a partial curve is
+    not a result."""
+    columns = ["cell_id", "dataset", "pair", "label", "data_access", "seed", "order", "val_acc", "teacher_queries",
+               "student_steps", "seconds", "final"]
+    frames = []
+    for _, row in df[(df["status"] == "ok") & (df["cell_id"] != "")].iterrows():
+        path = results_dir / "cells" / str(row["cell_id"]) / "anytime.jsonl"
+        if not path.is_file():
+            continue
+        records = [r for r in _read_jsonl(path) if isinstance(r.get("val_acc"), (int, float))]
+        if not records:
+            continue
+        frame = pd.DataFrame(records).reindex(columns=["val_acc", "teacher_queries", "student_steps", "seconds", "final"])
+        frame = frame.apply(pd.to_numeric, errors="coerce")
+        frame["final"] = frame["final"].fillna(0).astype(bool)
+        frame = frame.assign(cell_id=row["cell_id"], dataset=row["dataset"], pair=row["pair"], label=row["label"],
+                             data_access=row["data_access"], seed=row["seed"], order=range(len(frame)))
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def step_values(x: Iterable[float], y: Iterable[float], at: Iterable[float]) -> np.ndarray:
+    """The accuracy of the last checkpoint at or before each point of ``at`` (step-wise; NaN before the first).
+
+    Checkpoints with equal x (e.g. teacher queries flat while the student trains on stored images) resolve to
+    the latest one in their given order. After the last checkpoint the final value holds: a cell that finished
+    within budget x has that accuracy at every larger budget."""
+    x, y, at = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(at, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    index = np.searchsorted(x, at, side="right") - 1
+    return np.where(index >= 0, y[np.clip(index, 0, None)] if len(y) else np.nan, np.nan)
+
+
+def geometric_grid(lo: float, hi: float, n: int = ANYTIME_POINTS) -> np.ndarray:
+    """``n`` points spaced geometrically from ``lo`` to ``hi`` (both > 0); one point when they are equal."""
+    if not (lo > 0 and hi >= lo):
+        raise ValueError(f"a geometric grid needs 0 < lo <= hi, got lo={lo}, hi={hi}")
+    return np.array([lo]) if hi == lo else np.geomspace(lo, hi, n)
+
+
+def anytime_band(curves: pd.DataFrame, x: str, at: np.ndarray) -> pd.DataFrame:
+    """The seeds of one method read at ``at`` (see :func:`step_values`): per point mean, std, min, max over the
+    seeds that have a checkpoint at or before it, and their number ``n`` (of ``n_seeds``)."""
+    values = []
+    for _, cell in curves.sort_values("order").groupby("cell_id", sort=True):
+        values.append(step_values(cell[x], cell["val_acc"], at))
+    matrix = np.vstack(values) if values else np.full((0, len(at)), np.nan)
+    n = np.isfinite(matrix).sum(axis=0)
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        mean = np.where(n > 0, np.nanmean(matrix, axis=0), np.nan)
+        std = np.where(n > 1, np.nanstd(matrix, axis=0, ddof=1), np.nan)
+        low = np.where(n > 0, np.nanmin(matrix, axis=0), np.nan)
+        high = np.where(n > 0, np.nanmax(matrix, axis=0), np.nan)
+    return pd.DataFrame({"x": at, "mean": mean, "std": std, "min": low, "max": high, "n": n, "n_seeds": len(values)})
+
+
+@contextlib.contextmanager
+def _quiet_nan_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled by the n > 0 masks
+        yield
+
+
+def anytime_range(values: pd.Series) -> tuple[float, float]:
+    """The x range of an anytime axis: from the smallest positive checkpoint (but at most ``ANYTIME_DECADES``
+    decades below the largest: the untrained start is not worth half the axis) to the largest."""
+    hi = float(values.max())
+    return max(float(values[values > 0].min()), hi / 10 ** ANYTIME_DECADES), hi
+
+
+def budget_ladder(lo: float, hi: float, max_rungs: int = MAX_LADDER) -> list[float]:
+    """Round compute budgets from ``lo`` to ``hi``: 1 and 3 times powers of ten (powers of ten only when that
+    gives more than ``max_rungs``, then the largest ``max_rungs``), ending with ``hi``, the largest reached."""
+    if not (lo > 0 and hi >= lo):
+        return [hi] if hi > 0 else []
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    rungs = [v for k in decades for m in (1, 3) if lo <= (v := float(f"{m}e{k}")) < hi / 1.2]  # exact decimals
+    if len(rungs) >= max_rungs:
+        rungs = [r for r in rungs if math.isclose(10 ** round(math.log10(r)), r)]
+    rungs = rungs[-(max_rungs - 1):] if max_rungs > 1 else []
+    return rungs + [float(hi)]
+
+
+def best_at_budget(anytime: pd.DataFrame, x: str, budgets: Iterable[float]) -> pd.DataFrame:
+    """For each compute budget and user data-access level: the method label with the highest mean validation
+    accuracy at that budget among the methods the level may run (ties: the first label; ``tied`` lists them all),
+    its mean, and over how many seeds (those with a checkpoint at or before the budget). ``anytime``: the rows
+    of one dataset and pair."""
+    budgets = np.asarray(list(budgets), dtype=float)
+    stats = {}
+    for label, curves in anytime.groupby("label", sort=True):
+        band = anytime_band(curves, x, budgets)
+        stats[label] = (_first(curves["data_access"]), band)
+    rows = []
+    for i, budget in enumerate(budgets):
+        for level in access_levels(a for a, _ in stats.values()):
+            candidates = [(band["mean"].iloc[i], label, access, band) for label, (access, band) in stats.items()
+                          if usable_by(level, access) and band["n"].iloc[i] > 0]
+            row = {"budget": budget, "axis": x, "user_access": level}
+            if candidates:
+                mean, label, access, band = min(candidates, key=lambda c: (-c[0], c[1]))
+                tied = sorted(c[1] for c in candidates if c[0] >= mean - 1e-9)
+                row.update(label=label, data_access=access, val_acc_mean=mean, val_acc_std=band["std"].iloc[i],
+                           n=int(band["n"].iloc[i]), n_seeds=int(band["n_seeds"].iloc[i]),
+                           tied=",".join(tied) if len(tied) > 1 else "")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- training curves
+def load_curves(df: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
+    """Every cell's curve.jsonl as long rows (cell_id, dataset, label, pair, seed, status, step, key, value)."""
+    frames = []
+    for _, row in df.iterrows():
+        path = results_dir / "cells" / str(row["cell_id"]) / "curve.jsonl"
+        if not row["cell_id"] or not path.is_file():
+            continue
+        records = [r for r in _read_jsonl(path) if isinstance(r.get("step"), (int, float))]
+        if not records:
+            continue
+        wide = pd.DataFrame(records)
+        long = wide.melt(id_vars="step", var_name="key", value_name="value")
+        long["value"] = pd.to_numeric(long["value"], errors="coerce")
+        long = long.dropna(subset=["value"])
+        long = long.assign(cell_id=row["cell_id"], dataset=row["dataset"], label=row["label"], pair=row["pair"],
+                           seed=row["seed"], status=row["status"])
+        frames.append(long)
+    if not frames:
+        return pd.DataFrame(columns=["step", "key", "value", "cell_id", "dataset", "label", "pair", "seed", "status"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def collapse_flags(curves: pd.DataFrame, threshold: float = COLLAPSE_STD) -> pd.DataFrame:
+    """Cells whose logged ``sample_std`` (the per-pixel std of a generated batch) fell below ``threshold``: the
+    first such step, the value there and the last value logged (a generator rarely recovers)."""
+    columns = ["cell_id", "dataset", "pair", "label", "seed", "step", "sample_std", "last_sample_std"]
+    std = curves[curves["key"] == "sample_std"]
+    rows = []
+    for cell_id, cell in std.sort_values("step").groupby("cell_id", sort=False):
+        low = cell[cell["value"] < threshold]
+        if len(low):
+            first = low.iloc[0]
+            rows.append({"cell_id": cell_id, "dataset": first["dataset"], "pair": first["pair"], "label": first["label"],
+                         "seed": first["seed"], "step": int(first["step"]), "sample_std": first["value"],
+                         "last_sample_std": cell["value"].iloc[-1]})
+    return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "pair", "label", "seed"]).reset_index(drop=True)
+
+
+def collapse_text(flag: pd.Series, threshold: float = COLLAPSE_STD) -> str:
+    seed = "" if pd.isna(flag["seed"]) else f", seed {int(flag['seed'])}"
+    return (f"{flag['label']} ({flag['pair']}{seed}): generator collapsed at step {int(flag['step'])} "
+            f"(sample_std {flag['sample_std']:.3g} < {threshold:g}; last logged {flag['last_sample_std']:.3g})")
 
 
 # ---------------------------------------------------------------------------------------------- plotting
@@ -188,12 +546,32 @@ class Plot:
 
 
 @dataclass
+class Block:
+    """One piece of a dataset section, rendered to HTML and to Markdown alike."""
+    kind: str  # heading | text | note | table | figure | samples | list
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    flags: list[bool] | None = None  # table rows shown bold
+    label_col: int | None = None  # table column holding a method label (gets its colour swatch)
+    left: tuple[int, ...] = (0,)  # table columns aligned left (text)
+    plot: Plot | None = None
+    items: list = field(default_factory=list)  # list: strings; samples: (caption, relative path)
+    anchor: str = ""
+    nav: str = ""  # a heading with an anchor and this text is linked from the page's navigation bar
+
+
+@dataclass
 class Section:
     dataset: str
     table: pd.DataFrame
     teachers: pd.DataFrame
+    blocks: list[Block] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
-    front: pd.DataFrame | None = None
+    fronts: dict[str, pd.DataFrame] = field(default_factory=dict)
+    best_at_budget: pd.DataFrame | None = None
+    latency_budget: pd.DataFrame | None = None
+    collapses: pd.DataFrame | None = None
     samples: list[tuple[str, str]] = field(default_factory=list)  # (caption, relative path)
     skipped: list[str] = field(default_factory=list)  # plots not drawn, and why
 
@@ -209,11 +587,11 @@ def _style():
         yield
 
 
-def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs):
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg via savefig
 
     fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
 
@@ -250,12 +628,12 @@ def _legend(fig, colours, markers, labels_present, students_present, extra=()):
 
 
 def _centre(x: str) -> str:
-    """The aggregated column plotted for ``x``: the pooled latency's median, else the mean over seeds."""
+    """The aggregated column plotted for ``x``: the architecture's latency median, else the mean over seeds."""
     return f"{x}_median" if x == "arch_latency_ms" else f"{x}_mean"
 
 
 def _spread(row: pd.Series, x: str) -> float:
-    """Half-width of the x error bar: half the IQR for the pooled latency, else the std over seeds."""
+    """Half-width of the x error bar: half the latency IQR for the architecture latency, else the std over seeds."""
     return row[f"{x}_iqr"] / 2 if x == "arch_latency_ms" else row[f"{x}_std"]
 
 
@@ -286,7 +664,29 @@ def _teacher_handles(teachers: pd.DataFrame, as_line: bool):
     return out
 
 
-def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x=None, front=None):
+def _draw_fronts(ax, fronts: dict[str, pd.DataFrame], x: str) -> list:
+    """One step line (and ring per point) per user data-access level; wider and lighter for more access, so
+    that fronts that coincide stay visible as nested strokes."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for level in reversed(list(fronts)):
+        front = fronts[level]
+        if not len(front):
+            continue
+        colour, dash, width = ACCESS_STYLE.get(level, ("0.5", "-", 1.2))
+        fx, fy = front[_centre(x)].to_numpy(), front["student_acc_mean"].to_numpy()
+        ax.step(fx, fy, where="post", color=colour, linestyle=dash, linewidth=width, alpha=0.75, zorder=2)
+        size = 150 + 70 * access_rank(level)
+        ax.scatter(fx, fy, s=size, facecolors="none", edgecolors=colour, linewidths=1.3, zorder=2)
+        handles.append(Line2D([], [], color=colour, linestyle=dash, linewidth=width, marker="o", markerfacecolor="none",
+                              markersize=7 + access_rank(level), label=f"front: {USER_ACCESS_TEXT.get(level, level)}"))
+    if handles:
+        handles.insert(0, Line2D([], [], linestyle="none", label=""))
+    return handles[:1] + handles[1:][::-1]
+
+
+def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x=None, fronts=None):
     """Accuracy (mean +- std over seeds) against ``x``; the teacher as a point (or a line without ``teacher_x``)."""
     fig, axes = _figure(8.6, 4.6)
     ax = axes[0, 0]
@@ -305,14 +705,8 @@ def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x
             for i, (_, t) in enumerate(shown_teachers.iterrows()):
                 ax.axhline(t["teacher_acc"], color="0.15", linewidth=1, linestyle=LINESTYLES[(i + 1) % len(LINESTYLES)], zorder=1)
         extra += _teacher_handles(shown_teachers, as_line=not with_x)
-    if front is not None and len(front):
-        from matplotlib.lines import Line2D
-
-        fx, fy = front[_centre(x)].to_numpy(), front["student_acc_mean"].to_numpy()
-        ax.step(fx, fy, where="post", color="0.45", linestyle="--", linewidth=1.2, zorder=2)
-        ax.scatter(fx, fy, s=260, facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=2)
-        extra.append(Line2D([], [], color="0.45", linestyle="--", marker="o", markerfacecolor="none", markersize=12,
-                            label="Pareto front"))
+    if fronts:
+        extra += _draw_fronts(ax, fronts, x)
     _log_if_wide(ax, xs)
     ax.margins(0.08)
     ax.set_xlabel(xlabel)
@@ -325,8 +719,7 @@ def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x
 def _data_access_figure(agg, teachers, title, colours, markers):
     fig, axes = _figure(11.5, 4.6, ncols=2)
     ax, ax2 = axes[0]
-    present = [a for a in DATA_ACCESS_ORDER if a in set(agg["data_access"])] + \
-              sorted(set(agg["data_access"]) - set(DATA_ACCESS_ORDER))
+    present = access_levels(agg["data_access"])
     for ci, access in enumerate(present):
         group = agg[agg["data_access"] == access].sort_values(["label", "student"])
         offsets = np.linspace(-0.3, 0.3, len(group)) if len(group) > 1 else [0.0]
@@ -363,42 +756,65 @@ def _data_access_figure(agg, teachers, title, colours, markers):
     return fig
 
 
-def load_curves(df: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
-    """Every cell's curve.jsonl as long rows (dataset, label, pair, seed, step, key, value)."""
-    frames = []
-    for _, row in df.iterrows():
-        path = results_dir / "cells" / str(row["cell_id"]) / "curve.jsonl"
-        if not row["cell_id"] or not path.is_file():
-            continue
-        records = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed run
-            if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-                records.append(record)
-        if not records:
-            continue
-        wide = pd.DataFrame(records)
-        long = wide.melt(id_vars="step", var_name="key", value_name="value")
-        long["value"] = pd.to_numeric(long["value"], errors="coerce")
-        long = long.dropna(subset=["value"])
-        long = long.assign(dataset=row["dataset"], label=row["label"], pair=row["pair"], seed=row["seed"],
-                           status=row["status"])
-        frames.append(long)
-    if not frames:
-        return pd.DataFrame(columns=["step", "key", "value", "dataset", "label", "pair", "seed", "status"])
-    return pd.concat(frames, ignore_index=True)
+def _anytime_figure(anytime: pd.DataFrame, x: str, title: str, colours):
+    """Validation accuracy against compute ``x`` (log axis) for every method of one dataset and pair.
+
+    Each seed's curve is read step-wise on a common geometric grid (:func:`anytime_band`); the line is the
+    mean over seeds, the band min–max, drawn where every seed has a checkpoint. Past the last checkpoint of
+    its last seed a method's line continues dotted: it had finished, its final value holds."""
+    from matplotlib.lines import Line2D
+
+    fig, axes = _figure(8.6, 4.4)
+    ax = axes[0, 0]
+    lo, hi = anytime_range(anytime[x])
+    ends = anytime.groupby("cell_id")[x].max()
+    # each cell's last checkpoint joins the grid, so that a line reaches its final value before turning dotted
+    grid = np.unique(np.concatenate([geometric_grid(lo, hi), ends[(ends >= lo) & (ends <= hi)].to_numpy(dtype=float)]))
+    handles = []
+    for label, curves in anytime.groupby("label", sort=True):
+        band = anytime_band(curves, x, grid)
+        end = curves.groupby("cell_id")[x].max().max()
+        full = (band["n"] == band["n_seeds"]).to_numpy()
+        xs, mean = band["x"].to_numpy(), band["mean"].to_numpy()
+        i_end = int(np.searchsorted(xs, end, side="right")) - 1
+        live = full & (np.arange(len(xs)) <= i_end)
+        held = full & (np.arange(len(xs)) >= max(i_end, 0))
+        colour = colours[label]
+        if live.any():
+            ax.step(xs[live], mean[live], where="post", color=colour, linewidth=1.8, zorder=3)
+            if band["n_seeds"].iloc[0] > 1:
+                ax.fill_between(xs[live], band["min"].to_numpy()[live], band["max"].to_numpy()[live], step="post",
+                                color=colour, alpha=0.18, linewidth=0, zorder=2)
+            ax.plot(xs[live][-1], mean[live][-1], marker="o", color=colour, markersize=5, zorder=4)
+        if held.any():
+            ax.step(xs[held], mean[held], where="post", color=colour, linewidth=1.2, linestyle=":", zorder=3)
+        note = " (no teacher queries)" if x == "teacher_queries" and end <= 0 else ""
+        seeds = band["n_seeds"].iloc[0]
+        handles.append(Line2D([], [], color=colour, linewidth=1.8, label=f"{label}{note}, {seeds} seed{'s' if seeds != 1 else ''}"))
+    handles += [Line2D([], [], linestyle="none", label=""),
+                Line2D([], [], color="0.3", linewidth=1.8, marker="o", markersize=5, label="mean over seeds (● last checkpoint)"),
+                Line2D([], [], color="0.3", linewidth=1.2, linestyle=":", label="finished: final value holds"),
+                Line2D([], [], color="0.3", linewidth=6, alpha=0.18, label="band: min–max over seeds")]
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{ANYTIME_AXES.get(x, x)} (log)")
+    ax.set_ylabel("validation accuracy (%) — not test")
+    ax.set_title(title, loc="left", fontsize="medium")
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method (colour)", alignment="left")
+    return fig
 
 
 def _curve_keys(curves: pd.DataFrame) -> list[str]:
-    keys = [k for k in curves["key"].unique() if k != "lr"]
+    keys = [k for k in curves["key"].unique() if k != "lr" and not k.startswith("lr_")]  # schedules: not results
     spread = curves.groupby("key")["label"].nunique()
-    return sorted(keys, key=lambda k: (k != "loss", k != "test_acc", -spread[k], k))
+    first = ("loss", "val_acc", "test_acc", "sample_std")
+    return sorted(keys, key=lambda k: (first.index(k) if k in first else len(first), -spread[k], k))
 
 
-def _curves_figure(curves, title, colours):
+CURVE_YLABEL = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)",
+                "sample_std": "std of generated pixels (log)"}
+
+
+def _curves_figure(curves, title, colours, collapses=None):
     from matplotlib.lines import Line2D
 
     keys = _curve_keys(curves)
@@ -410,22 +826,43 @@ def _curves_figure(curves, title, colours):
     styles = {p: LINESTYLES[i % len(LINESTYLES)] for i, p in enumerate(pairs)}
     for ax, key in zip(axes.flat, shown):
         part = curves[curves["key"] == key]
-        for (label, pair), group in part.groupby(["label", "pair"], sort=True):
+        if key == "sample_std":  # one line per seed: a mean would hide the one seed whose generator collapsed
+            for (label, pair, _), group in part.groupby(["label", "pair", "cell_id"], sort=True):
+                group = group.sort_values("step")
+                ax.plot(group["step"], group["value"], color=colours[label], linestyle=styles[pair], linewidth=1.2,
+                        marker="o" if len(group) <= 2 else None, markersize=4)
+        for (label, pair), group in part.groupby(["label", "pair"], sort=True) if key != "sample_std" else ():
             stats = group.groupby("step")["value"].agg(["mean", "min", "max"]).sort_index()
-            ax.plot(stats.index, stats["mean"], color=colours[label], linestyle=styles[pair], linewidth=1.5)
+            ax.plot(stats.index, stats["mean"], color=colours[label], linestyle=styles[pair], linewidth=1.5,
+                    marker="o" if len(stats) <= 2 else None, markersize=4)
             if group["seed"].nunique() > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colours[label], alpha=0.15, linewidth=0)
-        if key != "test_acc":
+        if key == "sample_std":
+            ax.axhline(COLLAPSE_STD, color="#b2182b", linewidth=1, linestyle=":", zorder=1)
+            ax.text(0.99, COLLAPSE_STD, f"collapse < {COLLAPSE_STD:g}", color="#b2182b", fontsize="x-small", ha="right",
+                    va="bottom", transform=ax.get_yaxis_transform())
+            if collapses is not None and len(collapses):
+                for _, flag in collapses.iterrows():
+                    ax.plot(flag["step"], max(flag["sample_std"], 1e-6), marker="X", color=colours[flag["label"]],
+                            markersize=9, markeredgecolor="#b2182b", zorder=5)
+            positive = part["value"][part["value"] > 0]
+            if len(positive):
+                ax.set_yscale("log")
+                ax.set_ylim(min(positive.min(), COLLAPSE_STD) / 2, positive.max() * 2)
+        elif key not in ("test_acc", "val_acc"):
             _log_if_wide(ax, part["value"], axis="y", ratio=100)
-        ax.set_title(key, loc="left", fontsize="medium")
+        ax.set_title(key + (" (generator collapse)" if key == "sample_std" else ""), loc="left", fontsize="medium")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("test accuracy (%)" if key == "test_acc" else f"{key} (value)")
+        ax.set_ylabel(CURVE_YLABEL.get(key, f"{key} (value)"))
     for ax in list(axes.flat)[len(shown):]:
         ax.set_axis_off()
     handles = [Line2D([], [], color=colours[m], label=m) for m in sorted(curves["label"].unique())]
     if pairs:
         handles.append(Line2D([], [], linestyle="none", label=""))
         handles += [Line2D([], [], color="0.35", linestyle=styles[p], label=p) for p in pairs]
+    if collapses is not None and len(collapses):
+        handles.append(Line2D([], [], color="0.5", marker="X", markeredgecolor="#b2182b", linestyle="none",
+                              markersize=9, label="generator collapsed"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method (colour)", alignment="left")
     fig.suptitle(f"{title}: training curves (mean over seeds; band = min–max)", x=0.01, ha="left", fontsize="medium")
     return fig, keys[MAX_CURVE_PANELS:]
@@ -448,9 +885,9 @@ def _pm(mean: float, std: float, fmt: str = ".2f") -> str:
 
 
 def _median_iqr(median: float, iqr: float) -> str:
-    if not np.isfinite(median):
+    if median is None or not np.isfinite(median):
         return "–"
-    return f"{median:.3f} (IQR {iqr:.3f})" if np.isfinite(iqr) else f"{median:.3f}"
+    return f"{median:.3f} (IQR {iqr:.3f})" if iqr is not None and np.isfinite(iqr) else f"{median:.3f}"
 
 
 def _seconds(value: float) -> str:
@@ -459,27 +896,100 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}" if value < 600 else f"{value / 60:.1f} min"
 
 
-def table_rows(agg: pd.DataFrame, show_best: bool) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Header, formatted rows and which rows hold the best final accuracy of their pair."""
-    header = ["pair", "method", "data", "seeds ok", "final acc %"]
+def _budget_value(value: float, axis: str) -> str:
+    return f"{value:.3g} s" if axis == "seconds" else _si(value)
+
+
+def _steps(row: pd.Series) -> str:
+    """Student steps (mean over seeds); the iterations column of older runs where there are none."""
+    steps = row.get("student_steps_mean", math.nan)
+    return _si(steps if np.isfinite(steps) else row.get("iterations_mean", math.nan))
+
+
+TABLE_TEXT_HEADERS = ("pair", "method", "data", "budget (stopped by)", "overrides (vs the method's preset)", "collapsed")
+
+
+def table_rows(agg: pd.DataFrame, show_best: bool,
+               collapsed: dict[tuple[str, str], int] | None = None) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Header, formatted rows and which rows hold the best final accuracy of their pair.
+
+    ``collapsed``: ``{(pair, label): seeds whose generator collapsed}`` adds a column when given."""
+    header = ["pair", "method", "data", "seeds ok", "final test acc %", "val acc %"]
     if show_best:
         header.append("best-on-test acc % (paper protocol)")
-    header += ["params", "MACs", "latency ms (CPU, b=1, median per student arch)", "distill s", "real samples",
-               "teacher queries"]
+    if collapsed is not None:
+        header.append("collapsed")
+    header += ["budget (stopped by)", "overrides (vs the method's preset)", "student steps", "teacher queries",
+               "distill s", "real samples", "params", "MACs", "latency ms (CPU, b=1, per student arch)"]
     agg = agg.sort_values(["pair", "student_acc_mean", "label"], ascending=[True, False, True], na_position="last")
     best = agg.groupby("pair")["student_acc_mean"].transform("max")
     rows, flags = [], []
     for (_, row), top in zip(agg.iterrows(), best):
         acc = _pm(row["student_acc_mean"], row["student_acc_std"]) if row["n_ok"] else "failed"
-        cells = [row["pair"], row["label"], row["data_access"], f"{row['n_ok']}/{row['n_total']}", acc]
+        cells = [row["pair"], row["label"], row["data_access"], f"{row['n_ok']}/{row['n_total']}", acc,
+                 _pm(row["student_acc_val_mean"], row["student_acc_val_std"])]
         if show_best:
             cells.append(_pm(row["student_acc_best_mean"], row["student_acc_best_std"]))
-        cells += [_si(row["params_mean"]), _si(row["macs_mean"]), _median_iqr(row["arch_latency_ms_median"], row["arch_latency_ms_iqr"]),
-                  _seconds(row["distill_seconds_mean"]), _si(row["real_samples_used_mean"]),
-                  _si(row["teacher_queries_mean"])]
+        if collapsed is not None:
+            n = collapsed.get((row["pair"], row["label"]), 0)
+            cells.append(f"{n}/{row['n_ok']} seeds" if n else "")
+        budget = row["budget_text"] or "–"
+        if row["stopped_by_text"]:
+            budget += f"; {row['stopped_by_text']}"
+        cells += [budget, row["overrides"] or "none", _steps(row), _si(row["teacher_queries_mean"]),
+                  _seconds(row["distill_seconds_mean"]), _si(row["real_samples_used_mean"]), _si(row["params_mean"]),
+                  _si(row["macs_mean"]), _median_iqr(row["arch_latency_ms_median"], row["arch_latency_ms_iqr"])]
         rows.append(cells)
         flags.append(bool(np.isfinite(row["student_acc_mean"]) and row["student_acc_mean"] == top))
     return header, rows, flags
+
+
+def front_rows(fronts: dict[str, pd.DataFrame]) -> tuple[list[str], list[list[str]]]:
+    header = ["user's data access", "pair", "method", "method's data", "final test acc %", "latency ms"]
+    rows = [[USER_ACCESS_TEXT.get(level, level), r["pair"], r["label"], r["data_access"],
+             _pm(r["student_acc_mean"], r["student_acc_std"]), _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])]
+            for level, front in fronts.items() for _, r in front.iterrows()]
+    return header, rows
+
+
+def latency_budget_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = ["latency ≤ ms", "user's data access", "method", "student (pair)", "method's data", "final test acc %",
+              "params", "MACs", "latency ms"]
+    rows = []
+    for _, r in table.iterrows():
+        if not isinstance(r.get("label"), str):
+            rows.append([f"{r['latency_budget_ms']:.3f}", USER_ACCESS_TEXT.get(r["user_access"], r["user_access"]), "–",
+                         "(no student this fast)", "", "", "", "", ""])
+            continue
+        rows.append([f"{r['latency_budget_ms']:.3f}", USER_ACCESS_TEXT.get(r["user_access"], r["user_access"]), r["label"],
+                     r["pair"], r["data_access"], _pm(r["student_acc_mean"], r["student_acc_std"]), _si(r["params_mean"]),
+                     _si(r["macs_mean"]), _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])])
+    return header, rows
+
+
+def best_at_budget_rows(table: pd.DataFrame, axis: str) -> tuple[list[str], list[list[str]]]:
+    """Wide: one row per budget, one column per user data-access level, the winner with its mean and seeds."""
+    levels = access_levels(table["user_access"])
+    header = [("teacher queries ≤" if axis == "teacher_queries" else "seconds ≤")] + \
+             [USER_ACCESS_TEXT.get(level, level) for level in levels]
+    rows = []
+    for budget, group in table.groupby("budget", sort=True):
+        cells = [_budget_value(budget, axis)]
+        by_level = {r["user_access"]: r for _, r in group.iterrows()}
+        for level in levels:
+            r = by_level.get(level)
+            if r is None or not isinstance(r.get("label"), str):
+                cells.append("–")
+                continue
+            own = f" [{r['data_access']}]" if r["data_access"] != level else ""
+            tied = r["tied"].split(",") if isinstance(r.get("tied"), str) and r["tied"] else []
+            if len(tied) > 2:
+                cells.append(f"tie of {len(tied)} methods: {r['val_acc_mean']:.2f}")
+            else:
+                name = " = ".join(tied) if tied else f"{r['label']}{own}"
+                cells.append(f"{name}: {r['val_acc_mean']:.2f} ({int(r['n'])}/{int(r['n_seeds'])} seeds)")
+        rows.append(cells)
+    return header, rows
 
 
 def _teacher_line(t: pd.Series) -> str:
@@ -527,13 +1037,23 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
     colours = method_colours(df["label"])
     markers = student_markers(df["student"])
     curves = load_curves(df, results_dir)
+    anytime = load_anytime(df, results_dir)
+    if not len(anytime) and (df["status"] == "ok").any():
+        notes.append("No cell has an anytime.jsonl (written by an older `bench run`): the anytime curves and the "
+                     "best-method-per-budget tables are left out.")
     sections = []
     with _style():
         for dataset in sorted(df["dataset"].unique()):
-            sections.append(_dataset_section(dataset, df, agg, teachers, curves, colours, markers, results_dir,
+            sections.append(_dataset_section(dataset, df, agg, teachers, curves, anytime, colours, markers, results_dir,
                                              plots_dir, samples_dir))
-    summary = agg.copy()
-    summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
+    agg.to_csv(out / "summary.csv", index=False, float_format="%.6g")
+    for name, attribute in (("best_at_budget", "best_at_budget"), ("latency_budget", "latency_budget")):
+        frames = [getattr(s, attribute) for s in sections if getattr(s, attribute) is not None and len(getattr(s, attribute))]
+        path = out / f"{name}.csv"
+        if frames:
+            pd.concat(frames, ignore_index=True).to_csv(path, index=False, float_format="%.6g")
+        elif path.exists():
+            path.unlink()
     context = dict(results_dir=results_dir, out=out, df=df, notes=notes, sections=sections, grid=grid, colours=colours)
     (out / "index.html").write_text(_html(**context), encoding="utf-8")
     (out / "report.md").write_text(_markdown(**context), encoding="utf-8")
@@ -548,43 +1068,92 @@ def _grid_info(results_dir: Path) -> dict:
         return {}
 
 
-def _dataset_section(dataset, df, agg, teachers, curves, colours, markers, results_dir, plots_dir, samples_dir) -> Section:
+BEST_AT_BUDGET_TEXT = (
+    "Which method reaches the highest mean VALIDATION accuracy within each compute budget, for a user with each "
+    "level of data access (a column admits every method needing no more data: none < alt < few < full; "
+    "[level] marks a winner from a lower level). Read from the anytime curves: each seed counts its last "
+    "checkpoint at or before the budget (a cell that finished earlier keeps its final value); seeds: how many "
+    "had a checkpoint by then. These are validation accuracies for choosing a method at equal compute; the "
+    "headline result stays the final test accuracy of the pair × method table.")
+
+
+def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, markers, results_dir, plots_dir,
+                     samples_dir) -> Section:
     part = agg[agg["dataset"] == dataset]
     ok = part[part["n_ok"] > 0]
     tea = teachers[teachers["dataset"] == dataset]
     section = Section(dataset=dataset, table=part, teachers=tea)
+    blocks = section.blocks
     slug = _slug(dataset)
     title = dataset
+    blocks += [Block("text", _teacher_line(t)) for _, t in tea.iterrows()]
 
-    def draw(name, plot_title, caption, make):
+    def draw(name, plot_title, caption, make) -> Plot:
         plot = Plot(name=f"{name}_{slug}", title=plot_title, caption=caption)
-        fig = make()
-        _save(fig, plots_dir, plot)
+        _save(make(), plots_dir, plot)
         section.plots.append(plot)
+        blocks.append(Block("figure", plot=plot))
+        return plot
 
     def has(column):
         return len(ok) and ok[_centre(column)].notna().any()
 
+    part_curves = curves[curves["dataset"] == dataset]
+    section.collapses = collapse_flags(part_curves)
+    collapsed = section.collapses.groupby(["pair", "label"]).size().to_dict() if len(section.collapses) else None
+    show_best = part["student_acc_best_mean"].notna().any()
+    header, rows, flags = table_rows(part, show_best, collapsed)
+    text_cols = tuple(i for i, h in enumerate(header) if h in TABLE_TEXT_HEADERS)
+    pair_method = [
+        Block("heading", "Pair × method", anchor=f"table-{slug}", nav="table"),
+        Block("text", "Sorted by final test accuracy within each pair; bold: the best of the pair. val acc: the "
+              "validation split (held out from every method; what defaults and budgets may be chosen on). Budget: "
+              "the fraction of the paper's iteration budget and any compute cap, and which cap ended how many seeds "
+              "early. Overrides: hyperparameters that differ from the method's registered preset for this "
+              "dataset." + (" Best-on-test: the paper protocol (best test evaluation during training), optimistic."
+                            if show_best else "")),
+        Block("table", header=header, rows=rows, flags=flags, label_col=1, left=text_cols)]
+    if len(section.collapses):
+        pair_method.append(Block("list", f"Generator collapse (the logged sample_std fell below {COLLAPSE_STD:g}: the "
+                                 "generator emits one image; the student then learns from almost nothing):",
+                                 items=[collapse_text(f) for _, f in section.collapses.iterrows()]))
+
     if not len(ok):
         section.skipped.append("no plots: every cell of this dataset failed")
-        return section
+        blocks += pair_method
+        return _finish(section)
     if has("arch_latency_ms"):
-        section.front = pareto_front(ok, "arch_latency_ms_median", "student_acc_mean")
+        section.fronts = access_fronts(ok, "arch_latency_ms_median", "student_acc_mean")
         teacher_lat = "teacher_latency_ms" in tea and tea["teacher_latency_ms"].notna().any()
         threads = df.loc[df["dataset"] == dataset, "latency_threads"].dropna().unique()
         thread_text = f", {int(threads[0])} thread{'s' if threads[0] != 1 else ''}" if len(threads) == 1 else ""
+        levels = list(section.fronts)
         draw("tradeoff", "Accuracy vs CPU latency",
-             "Final test accuracy (error bars: std over seeds) against CPU latency (batch 1, median) of the student "
-             "architecture: latency is pooled over every cell with the same student architecture (the median, error "
-             "bars spanning the interquartile range of those measurements), since the method only changes the weights. The dashed step line is the "
-             "Pareto front (no other point is both faster and more accurate). "
+             "Final test accuracy (error bars: std over seeds) against the CPU latency (batch 1, median; error bars: "
+             "the interquartile range) of the student architecture, timed once per architecture, since the method "
+             "only changes the weights. "
+             + (f"One Pareto front per data-access level of the user ({', '.join(levels)}): the methods a user with "
+                "that much data may run (none < alt < few < full), none of them beaten on both axes by another. "
+                if len(levels) > 1 else "The step line is the Pareto front (no other point is both faster and more accurate). ")
              + ("The star is the teacher." if teacher_lat else
                 "The teacher's accuracy is a horizontal line (runs.csv has no teacher latency)."),
              lambda: _accuracy_vs(ok, tea, "arch_latency_ms", f"CPU latency (ms per image, batch 1, median{thread_text})",
                                   f"{title}: accuracy vs CPU latency", colours, markers,
-                                  teacher_x="teacher_latency_ms", front=section.front))
+                                  teacher_x="teacher_latency_ms", fronts=section.fronts))
+        fh, fr = front_rows(section.fronts)
+        blocks += [Block("heading", "Pareto fronts per data access (accuracy vs CPU latency)"),
+                   Block("table", header=fh, rows=fr, label_col=2, left=(0, 1, 2, 3))]
+        section.latency_budget = latency_budget_table(ok)
+        lh, lr = latency_budget_rows(section.latency_budget)
+        blocks += [Block("heading", "Best student under a latency budget", anchor=f"latency-{slug}", nav="latency budgets"),
+                   Block("text", "For each latency budget (the distinct student latencies) and each level of data "
+                         "access of the user: the student and method with the best mean final test accuracy among the "
+                         "students at or under that latency and the methods that level may run."),
+                   Block("table", header=lh, rows=lr, label_col=2, left=(1, 2, 3, 4))]
     else:
-        section.skipped.append("accuracy vs CPU latency (and its Pareto front): runs.csv has no latency_ms values")
+        section.skipped.append("accuracy vs CPU latency (and its Pareto fronts, the latency-budget table): runs.csv "
+                               "has no latency_ms values")
+    blocks += pair_method
     if has("macs"):
         draw("macs", "Accuracy vs MACs", "Final test accuracy against multiply-accumulates for one image; the "
              "star is the teacher.",
@@ -616,16 +1185,20 @@ def _dataset_section(dataset, df, agg, teachers, curves, colours, markers, resul
                                   f"{title}: accuracy vs distillation cost", colours, markers))
     else:
         section.skipped.append("accuracy vs distillation cost: runs.csv has no distill_seconds values")
-    part_curves = curves[curves["dataset"] == dataset]
+    _anytime_blocks(section, anytime[anytime["dataset"] == dataset], colours, plots_dir, slug, title)
     if len(part_curves):
         plot = Plot(name=f"curves_{slug}", title="Training curves",
                     caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
-                            "mean over seeds, band = min–max over seeds; line style = teacher → student pair.")
-        fig, omitted = _curves_figure(part_curves, title, colours)
+                            "mean over seeds, band = min–max over seeds; line style = teacher → student pair."
+                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} (dotted) "
+                               "the generator has collapsed (X: the first such step of a cell)."
+                               if (part_curves["key"] == "sample_std").any() else ""))
+        fig, omitted = _curves_figure(part_curves, title, colours, section.collapses)
         _save(fig, plots_dir, plot)
         if omitted:
             plot.caption += f" Not shown (more than {MAX_CURVE_PANELS} scalars): {', '.join(omitted)}."
         section.plots.append(plot)
+        blocks.append(Block("figure", plot=plot))
     else:
         section.skipped.append("training curves: no cells/<cell_id>/curve.jsonl found")
     rows = df[(df["dataset"] == dataset) & (df["status"] == "ok") & (df["cell_id"] != "")]
@@ -638,7 +1211,54 @@ def _dataset_section(dataset, df, agg, teachers, curves, colours, markers, resul
                 seed = "" if pd.isna(row["seed"]) else f", seed {int(row['seed'])}"
                 section.samples.append((f"{label} ({pair}{seed})", f"samples/{target.name}"))
                 break  # one grid per method and pair: the lowest seed
+    if section.samples:
+        blocks += [Block("heading", "Generated / synthesised samples"), Block("samples", items=section.samples)]
+    return _finish(section)
+
+
+def _finish(section: Section) -> Section:
+    if section.skipped:
+        section.blocks.append(Block("note", "Not drawn: " + "; ".join(section.skipped) + "."))
     return section
+
+
+def _anytime_blocks(section: Section, anytime: pd.DataFrame, colours, plots_dir: Path, slug: str, title: str) -> None:
+    """Per pair: validation accuracy vs teacher queries and vs seconds, and the best method at each budget."""
+    if not len(anytime):
+        section.skipped.append("anytime curves and best method per compute budget: no cells/<cell_id>/anytime.jsonl")
+        return
+    section.blocks += [Block("heading", "Anytime: validation accuracy against compute", anchor=f"anytime-{slug}", nav="anytime"),
+                       Block("note", BEST_AT_BUDGET_TEXT)]
+    tables = []
+    for pair, part in anytime.groupby("pair", sort=True):
+        section.blocks.append(Block("heading", f"{pair}", anchor=f"anytime-{slug}-{_slug(pair)}"))
+        for x, what in (("teacher_queries", "teacher queries"), ("seconds", "seconds")):
+            if not (part[x] > 0).any():
+                section.skipped.append(f"validation accuracy vs {what} for {pair}: no method of the pair "
+                                       f"{'queried the teacher' if x == 'teacher_queries' else 'recorded seconds'}")
+                continue
+            plot = Plot(name=f"anytime_{'queries' if x == 'teacher_queries' else x}_{slug}_{_slug(pair)}",
+                        title=f"Validation accuracy vs {what}: {pair}",
+                        caption=f"Validation accuracy (not test) of the student at the harness's compute checkpoints "
+                                f"against the {ANYTIME_AXES[x]}, log scale. Each seed is read step-wise (its last "
+                                "checkpoint at or before x) on a common geometric grid; line: mean over seeds, band: "
+                                "min–max, drawn where every seed has a checkpoint; dotted: the method had finished "
+                                "and its final value holds."
+                                + (" Methods that never query the teacher sit at their final value all along."
+                                   if x == "teacher_queries" and (part.groupby("label")[x].max() <= 0).any() else "")
+                                + (" Seconds are wall-clock time on a shared machine: compare within one run."
+                                   if x == "seconds" else ""))
+            _save(_anytime_figure(part, x, f"{title}, {pair}: validation accuracy vs {what}", colours), plots_dir, plot)
+            section.plots.append(plot)
+            section.blocks.append(Block("figure", plot=plot))
+            table = best_at_budget(part, x, budget_ladder(*anytime_range(part[x])))
+            table.insert(0, "pair", pair)
+            table.insert(0, "dataset", section.dataset)
+            tables.append(table)
+            header, rows = best_at_budget_rows(table, x)
+            section.blocks += [Block("text", f"Best method at each {what} budget (validation accuracy %, mean over seeds):"),
+                               Block("table", header=header, rows=rows, left=tuple(range(1, len(header))))]
+    section.best_at_budget = pd.concat(tables, ignore_index=True) if tables else None
 
 
 def _environment(df: pd.DataFrame) -> list[tuple[str, str]]:
@@ -648,10 +1268,24 @@ def _environment(df: pd.DataFrame) -> list[tuple[str, str]]:
 
     started = [s for s in df["started"] if s]
     finished = [s for s in df["finished"] if s]
+    dirty = df["git_dirty"].astype(str).str.lower()
+    n_dirty, n_known = int(dirty.isin(["true", "1", "yes"]).sum()), int(dirty.isin(["true", "1", "yes", "false", "0", "no"]).sum())
+    if not n_known:
+        tree = "– (not recorded)"
+    elif n_dirty:
+        tree = (f"DIRTY for {n_dirty} of {n_known} cells: they ran from uncommitted changes, so the commit alone does "
+                "not reproduce them")
+    else:
+        tree = f"clean (all {n_known} cells ran from the committed tree)"
+    recorded = set(COLUMNS) - set(df.attrs.get("missing_columns", ()))
+    resumed = int((df["resumed"].astype(str) != "").sum())
     items = [("device", values("device")), ("CPU", values("cpu")),
              ("latency threads", values("latency_threads", lambda v: str(int(v)))),
-             ("torch", values("torch")), ("git commit", values("git_commit")), ("grid", values("grid")),
-             ("budget", values("budget", lambda v: f"{v:g}")),
+             ("torch", values("torch")), ("git commit", values("git_commit")), ("git tree", tree),
+             ("grid", values("grid")), ("budget (fraction of the paper's)", values("budget", lambda v: f"{v:g}")),
+             ("compute caps", values("compute_cap")),
+             ("validation images held out", values("validation", lambda v: str(int(v)))),
+             ("cells resumed after a stop", str(resumed) if "resumed" in recorded else "– (not recorded)"),
              ("runs", f"{min(started)} … {max(finished)}" if started and finished else "– (not recorded)"),
              ("report rendered", time.strftime("%Y-%m-%d %H:%M:%S"))]
     return items
@@ -682,12 +1316,15 @@ def _overview(df: pd.DataFrame, grid: dict) -> str:
 
 
 READING = ("Accuracy is the distilled student's final top-1 accuracy on the dataset's official test split "
-           "(percent, mean ± std over seeds; std needs two or more seeds). Best-on-test, where a method tracks it, is "
-           "the best test-set evaluation during training, the protocol some papers report: it peeks at the test set "
-           "and is optimistic, so it is shown only in the tables and labelled. Latency: CPU, batch 1, median over "
-           "repeated runs. MACs: multiply-accumulates for one image (papers often call these FLOPs). Real samples: "
-           "images of the teacher's own training set the method read. Teacher queries: images passed through the "
-           "teacher during distillation.")
+           "(percent, mean ± std over seeds; std needs two or more seeds): the headline. Validation accuracy (val acc, "
+           "the anytime curves and the best-method-per-budget tables) is measured on a split held out from the "
+           "training set, the one on which choices may be made; it is not the test result. Best-on-test, where a "
+           "method tracks it, is the best test-set evaluation during training, the protocol some papers report: it "
+           "peeks at the test set and is optimistic, so it is shown only in the tables and labelled. Latency: CPU, "
+           "batch 1, median over repeated runs, timed once per student architecture. MACs: multiply-accumulates for "
+           "one image (papers often call these FLOPs). Real samples: images of the teacher's own training set the "
+           "method read. Teacher queries: images passed through the teacher during distillation. Data access "
+           "levels form a chain none < alt < few < full: a user with a level may run every method needing no more.")
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -699,9 +1336,11 @@ h3{font-size:1.05rem;margin:26px 0 6px}
 nav{background:#eef1f4;padding:8px 14px;border-radius:6px;font-size:.92rem;margin:12px 0}
 nav a{margin-right:14px}
 .muted{color:#5b6570;font-size:.9rem}.note{background:#fff6df;border-left:4px solid #e0a800;padding:6px 12px;margin:8px 0}
+.warn{background:#fdecea;border-left:4px solid #b2182b;padding:6px 12px;margin:8px 0}.warn ul{margin:4px 0}
 table{border-collapse:collapse;margin:8px 0 14px;font-size:.86rem;background:#fff}
 th,td{border:1px solid #d8dde3;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#eef1f4;text-align:center;white-space:normal;max-width:150px}.scroll{overflow-x:auto}td.t{text-align:left}tr.best td{font-weight:600;background:#f0f7ee}
+td.w{white-space:normal;min-width:160px;max-width:320px;text-align:left;font-size:.8rem}
 figure{margin:14px 0 22px;background:#fff;border:1px solid #e3e7eb;border-radius:6px;padding:10px}
 figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.86rem;color:#4a535c;margin-top:6px}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin:0 4px -1px 0}
@@ -710,13 +1349,15 @@ figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.86rem;
 pre{background:#f3f4f6;padding:8px;overflow-x:auto;font-size:.78rem}details{margin:2px 0}
 .failed td{vertical-align:top}.failed td.err{white-space:normal;text-align:left;max-width:560px}
 """
+WRAP_HEADERS = ("overrides (vs the method's preset)", "budget (stopped by)")
 
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html_table(header, rows, flags=None, colours=None, label_col=None) -> str:
+def _html_table(header, rows, flags=None, colours=None, label_col=None, left=(0, 1, 2)) -> str:
+    wrap = {j for j, h in enumerate(header) if h in WRAP_HEADERS}
     out = ['<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for i, row in enumerate(rows):
         cls = ' class="best"' if flags and flags[i] else ""
@@ -725,7 +1366,7 @@ def _html_table(header, rows, flags=None, colours=None, label_col=None) -> str:
             text = _e(cell)
             if colours is not None and j == label_col and cell in colours:
                 text = f'<span class="swatch" style="background:{_hex(colours[cell])}"></span>{text}'
-            cells.append(f'<td class="t">{text}</td>' if j < 3 else f"<td>{text}</td>")
+            cells.append(f'<td class="w">{text}</td>' if j in wrap else f'<td class="t">{text}</td>' if j in left else f"<td>{text}</td>")
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")
     return "\n".join(out)
@@ -739,46 +1380,44 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _html_block(block: Block, out: Path, colours) -> str:
+    anchor = f' id="{_e(block.anchor)}"' if block.anchor else ""
+    if block.kind == "heading":
+        return f"<h3{anchor}>{_e(block.text)}</h3>"
+    if block.kind == "text":
+        return f'<p class="muted">{_e(block.text)}</p>'
+    if block.kind == "note":
+        return f'<p class="note">{_e(block.text)}</p>'
+    if block.kind == "list":
+        return f'<div class="warn">{_e(block.text)}<ul>' + "".join(f"<li>{_e(i)}</li>" for i in block.items) + "</ul></div>"
+    if block.kind == "table":
+        return _html_table(block.header, block.rows, block.flags, colours, block.label_col, block.left)
+    if block.kind == "figure":
+        return _html_figure(block.plot)
+    if block.kind == "samples":
+        return ('<div class="samples">' + "".join(
+            f"<figure>{_img((out / rel).read_bytes(), caption)}<figcaption>{_e(caption)}</figcaption></figure>"
+            for caption, rel in block.items) + "</div>")
+    raise ValueError(f"unknown report block kind {block.kind!r}")
+
+
 def _html(results_dir, out, df, notes, sections, grid, colours) -> str:
     title = f"dfkd-bench report: {grid.get('name') or results_dir.resolve().name}"
     body = [f"<h1>{_e(title)}</h1>"]
     if grid.get("description"):
         body.append(f'<p class="muted">{_e(grid["description"])}</p>')
     body.append(f"<p>{_e(_overview(df, grid))} Results from <code>{_e(results_dir)}</code>.</p>")
-    links = [f'<a href="#ds-{_slug(s.dataset)}">{_e(s.dataset)}</a>' for s in sections]
+    links = []
+    for s in sections:
+        links.append(f'<a href="#ds-{_slug(s.dataset)}">{_e(s.dataset)}</a>')
+        links += [f'<a href="#{_e(b.anchor)}">{_e(b.nav)}</a>' for b in s.blocks if b.anchor and b.nav]
     links += ['<a href="#failed">failed cells</a>', '<a href="#environment">environment</a>']
     body.append("<nav>" + " ".join(links) + "</nav>")
     body += [f'<p class="note">{_e(n)}</p>' for n in notes]
     body.append(f'<p class="muted">{_e(READING)}</p>')
     for s in sections:
         body.append(f'<section id="ds-{_slug(s.dataset)}"><h2>{_e(s.dataset)}</h2>')
-        for _, t in s.teachers.iterrows():
-            body.append(f'<p class="muted">{_e(_teacher_line(t))}</p>')
-        show_best = s.table["student_acc_best_mean"].notna().any()
-        header, rows, flags = table_rows(s.table, show_best)
-        plots = {p.name.split("_" + _slug(s.dataset))[0]: p for p in s.plots}
-        if "tradeoff" in plots:
-            body.append(_html_figure(plots["tradeoff"]))
-            if s.front is not None and len(s.front):
-                body.append("<h3>Pareto front (accuracy vs CPU latency)</h3>")
-                front_rows = [[r["pair"], r["label"], r["data_access"], _pm(r["student_acc_mean"], r["student_acc_std"]),
-                               _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])] for _, r in s.front.iterrows()]
-                body.append(_html_table(["pair", "method", "data", "final acc %", "latency ms"], front_rows,
-                                        colours=colours, label_col=1))
-        body.append(f'<h3 id="table-{_slug(s.dataset)}">Pair × method</h3>')
-        body.append(f'<p class="muted">Sorted by final accuracy within each pair; bold: the best final accuracy of the pair.'
-                    f'{" Best-on-test: the paper protocol (best test evaluation during training), optimistic." if show_best else ""}</p>')
-        body.append(_html_table(header, rows, flags, colours=colours, label_col=1))
-        for key in ("macs", "params", "data_access", "cost", "curves"):
-            if key in plots:
-                body.append(_html_figure(plots[key]))
-        if s.samples:
-            body.append("<h3>Generated / synthesised samples</h3><div class=\"samples\">")
-            for caption, rel in s.samples:
-                body.append(f"<figure>{_img((out / rel).read_bytes(), caption)}<figcaption>{_e(caption)}</figcaption></figure>")
-            body.append("</div>")
-        if s.skipped:
-            body.append('<p class="note">Not drawn: ' + "; ".join(_e(x) for x in s.skipped) + ".</p>")
+        body += [_html_block(b, out, colours) for b in s.blocks]
         body.append("</section>")
     failed = _failed(df, results_dir)
     body.append(f'<section id="failed"><h2>Failed cells ({len(failed)})</h2>')
@@ -826,6 +1465,25 @@ def _md_table(header, rows, flags=None) -> str:
     return "\n".join(lines)
 
 
+def _md_block(block: Block) -> list[str]:
+    if block.kind == "heading":
+        return [f"### {block.text}", ""]
+    if block.kind == "text":
+        return [block.text, ""]
+    if block.kind == "note":
+        return [f"> {block.text}", ""]
+    if block.kind == "list":
+        return [f"**{block.text}**", ""] + [f"- {i}" for i in block.items] + [""]
+    if block.kind == "table":
+        return [_md_table(block.header, block.rows, block.flags), ""]
+    if block.kind == "figure":
+        p = block.plot
+        return [f"![{p.title}](plots/{p.name}.png)", "", f"_{p.title}. {p.caption}_ ([SVG](plots/{p.name}.svg))", ""]
+    if block.kind == "samples":
+        return [f"![{caption}]({rel}) {caption}" for caption, rel in block.items] + [""]
+    raise ValueError(f"unknown report block kind {block.kind!r}")
+
+
 def _markdown(results_dir, out, df, notes, sections, grid, colours) -> str:
     name = grid.get("name") or results_dir.resolve().name
     out = [f"# dfkd-bench report: {name}", ""]
@@ -836,35 +1494,8 @@ def _markdown(results_dir, out, df, notes, sections, grid, colours) -> str:
     out += ["", READING, ""]
     for s in sections:
         out += [f"## {s.dataset}", ""]
-        for _, t in s.teachers.iterrows():
-            out.append(f"- {_teacher_line(t)}")
-        out.append("")
-        show_best = s.table["student_acc_best_mean"].notna().any()
-        header, rows, flags = table_rows(s.table, show_best)
-        plots = {p.name.split("_" + _slug(s.dataset))[0]: p for p in s.plots}
-        if "tradeoff" in plots:
-            p = plots["tradeoff"]
-            out += [f"![{p.title}](plots/{p.name}.png)", "", f"_{p.caption}_ ([SVG](plots/{p.name}.svg))", ""]
-            if s.front is not None and len(s.front):
-                out += ["**Pareto front** (accuracy vs CPU latency):", ""]
-                out.append(_md_table(["pair", "method", "data", "final acc %", "latency ms"],
-                                     [[r["pair"], r["label"], r["data_access"], _pm(r["student_acc_mean"], r["student_acc_std"]),
-                                       _median_iqr(r["arch_latency_ms_median"], r["arch_latency_ms_iqr"])] for _, r in s.front.iterrows()]))
-                out.append("")
-        out += ["### Pair × method", "",
-                "Sorted by final accuracy within each pair; bold: the best of the pair."
-                + (" Best-on-test: the paper protocol (best test evaluation during training), optimistic." if show_best else ""),
-                "", _md_table(header, rows, flags), ""]
-        for key in ("macs", "params", "data_access", "cost", "curves"):
-            if key in plots:
-                p = plots[key]
-                out += [f"### {p.title}", "", f"![{p.title}](plots/{p.name}.png)", "", f"_{p.caption}_ ([SVG](plots/{p.name}.svg))", ""]
-        if s.samples:
-            out += ["### Generated / synthesised samples", ""]
-            out += [f"![{caption}]({rel}) {caption}" for caption, rel in s.samples]
-            out.append("")
-        if s.skipped:
-            out += ["Not drawn: " + "; ".join(s.skipped) + ".", ""]
+        for b in s.blocks:
+            out += _md_block(b)
     failed = _failed(df, results_dir)
     out += [f"## Failed cells ({len(failed)})", ""]
     if failed:
