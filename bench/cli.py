@@ -276,10 +276,13 @@ def evaluate(cell_dir, device, data_root, cache_dir):
 def report(results_dir, out):
     """Render the accuracy-vs-latency report of a results folder (RESULTS_DIR/runs.csv).
 
-    Writes OUT/index.html (self-contained), OUT/report.md, OUT/summary.csv and every plot as
-    OUT/plots/*.png and *.svg: per dataset accuracy vs CPU latency with its Pareto front, vs MACs,
-    params, real data used and distillation seconds; the pair x method table; training curves;
-    sample grids; failed cells; the environment.
+    Writes OUT/index.html (self-contained), OUT/report.md, OUT/summary.csv, best_at_budget.csv,
+    latency_budget.csv and every plot as OUT/plots/*.png and *.svg: per dataset accuracy vs CPU latency
+    with one Pareto front per data-access level, the best student under each latency budget, the pair x
+    method table (test and validation accuracy, budget/cap, steps, queries, overrides), vs MACs, params,
+    real data and seconds; per pair validation accuracy vs teacher queries and vs seconds with the best
+    method at each budget; training curves with generator-collapse flags; sample grids; failed cells;
+    the environment.
 
     \b
     Examples:
