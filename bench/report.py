@@ -8,7 +8,7 @@ Input (written by ``bench run``):
 - ``RESULTS_DIR/cells/<cell_id>/error.txt``: the traceback of a failed cell (optional);
 - ``RESULTS_DIR/grid.json``: the grid's name and description (optional).
 
-Output (default ``reports/<results dir name>``): ``index.html`` (self-contained: every plot inline as a
+Output (default ``<results dir>/report``, beside its runs.csv): ``index.html`` (self-contained: every plot inline as a
 base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary.csv`` (the aggregated table) and
 every plot as ``plots/<name>.png`` and ``plots/<name>.svg``.
 
@@ -501,7 +501,7 @@ def _slug(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- render
 def render(results_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of ``results_dir`` into ``out`` (default ``reports/<results dir name>``); return ``out``."""
+    """Write the report of ``results_dir`` into ``out`` (default ``<results_dir>/report``); return ``out``."""
     results_dir = Path(results_dir)
     df, notes = load_runs(results_dir)
     grid = _grid_info(results_dir)
@@ -513,7 +513,7 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
         df = df[df["cell_id"].isin(current)].reset_index(drop=True)
         if df.empty:
             raise ReportError(f"no row of {results_dir / 'runs.csv'} belongs to the grid's current cells")
-    out = Path(out) if out is not None else Path("reports") / (results_dir.resolve().name or "results")
+    out = Path(out) if out is not None else results_dir / "report"
     plots_dir, samples_dir = out / "plots", out / "samples"
     for folder in (plots_dir, samples_dir):
         if folder.is_dir():  # drop what an earlier render left (a dataset or method may have gone)

@@ -27,6 +27,8 @@ COLUMNS = [
     "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
     "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",
     "git_commit", "git_dirty", "started", "finished", "method_params",
+    # the teacher's source and the input it takes (bench distill, a user's own teacher and data)
+    "teacher_checkpoint", "teacher_pretrained", "data_options", "input_mean", "input_std", "augment",
 ]
 
 
