@@ -71,7 +71,7 @@ def student_state(cell: Cell, teacher: str, options: RunOptions) -> str:
     if not is_derived(cell.student):
         return "built fresh"
     if not teacher.startswith("cached"):
-        return "to derive (after the teacher)"
+        return "to derive"
     try:
         from bench.pruning import cache_folder
 

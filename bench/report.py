@@ -36,7 +36,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from bench.store import COLUMNS
+from bench.store import COLUMNS, RECORD_ONLY
 
 # Without these the rows cannot be placed in a table at all.
 REQUIRED_COLUMNS = ("dataset", "teacher", "student", "method", "student_acc")
@@ -83,7 +83,7 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         raise ReportError(f"{path} lacks the required column(s) {missing_required}; its columns are "
                           f"{list(df.columns)}; expected the columns of bench.store.COLUMNS")
     notes = []
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns and c not in RECORD_ONLY]
     if missing:
         notes.append(f"runs.csv lacks the column(s) {', '.join(missing)}: what needs them is left out or shown as '–'.")
     unknown = [c for c in df.columns if c not in COLUMNS]
