@@ -287,7 +287,8 @@ def evaluate(cell_dir, device, data_root, cache_dir):
         raise BenchError(f"{cell_dir} holds no saved student (student.pt + student.json): the cell failed, or was run "
                          f"by a version of dfkd-bench that did not save students; re-run it with `bench run --force`")
     dev = resolve_device(device)
-    data = task_data(config["dataset"], root=data_root, device=dev, validation=config.get("validation"))
+    data = task_data(config["dataset"], root=data_root, device=dev, validation=config.get("validation"),
+                     options=config.get("data_options"))  # the image size and normalisation the cell ran at
     model = model.to(dev)
     accuracy = lambda x, y: evaluate_accuracy(model, x, y, lambda xb: to_float(xb, data.info))  # noqa: E731
     test = accuracy(data.test_x, data.test_y)

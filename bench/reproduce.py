@@ -130,7 +130,7 @@ class Reproduction:
         if row.method != "teacher" and row.method not in self.methods:
             return f"method {row.method!r} is not registered in this dfkd-bench"
         if self.missing_data(row.dataset):
-            return f"not possible here: the {row.dataset} files are missing (below the table: which, and where to put them)"
+            return f"{row.dataset} files missing (see below the table)"
         method = "kd" if row.method == "teacher" else row.method
         if (row.dataset, row.teacher, row.student, method) in self.full_grid_cells():
             return f"run: bench run --grid full --only {method} (its {row.dataset} {row.teacher} -> {row.student} cells)"
