@@ -356,7 +356,8 @@ def distill(dataset, teacher_arch, teacher_checkpoint, teacher_pretrained, stude
 
     Same row (OUT/runs.csv), same artefacts (OUT/cells/<cell_id>/: student.pt + student.json, curve,
     samples), same resume: calling it again with the same arguments finds the finished cell and runs
-    nothing. The budget is the method's paper budget unless --set budget=... says otherwise.
+    nothing (a failed cell is run again). The budget is the method's paper budget unless --set
+    budget=... says otherwise.
 
     \b
     Examples:
@@ -374,15 +375,19 @@ def distill(dataset, teacher_arch, teacher_checkpoint, teacher_pretrained, stude
 
     for plugin in plugins:
         load_plugin(plugin)
+    from bench.teachers import load_state_dict
+
     for flag, path in (("--teacher-checkpoint", teacher_checkpoint), ("--teacher-pretrained", teacher_pretrained)):
         if path is not None and not path.is_file():
             raise BenchError(f"{flag} {str(path)!r} does not exist")
+        if path is not None:
+            load_state_dict(path)  # a pickled module or a damaged file: one clear error before any work
     grid = overrides.single_cell_grid(dataset, teacher_arch, student, method, seed=seed,
                                       checkpoint=str(teacher_checkpoint.resolve()) if teacher_checkpoint else None,
                                       pretrained=str(teacher_pretrained.resolve()) if teacher_pretrained else None,
                                       assignments=overrides.parse_assignments(assignments))
     options = RunOptions(out=out, device=resolve_device(device), data_root=data_root, cache_dir=cache_dir, force=force,
-                         progress=not no_progress, keep_earlier_cells=True)
+                         rerun_failed=True, progress=not no_progress, keep_earlier_cells=True)
     summary = Runner(options).run(grid)
     if summary.interrupted:
         click.echo("interrupted: run the same command again to resume the cell", err=True)

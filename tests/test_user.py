@@ -287,3 +287,9 @@ def test_papers_file_is_valid_and_cites_every_table():
     assert all(t.source and t.rows for t in tables)
     dafl = next(t for t in tables if t.id == "dafl-table1")
     assert [(r.method, r.paper) for r in dafl.rows][-1] == ("dafl", 98.20)
+
+
+def test_new_commands_have_help_with_examples():
+    for command in ("distill", "reproduce", "export"):
+        result = _invoke(command, "--help")
+        assert result.exit_code == 0 and "Examples:" in result.output, command
