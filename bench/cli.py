@@ -77,23 +77,41 @@ def _common_paths(fn):
 @click.option("--gpus-per-cell", type=float, default=0.0, show_default=True, help="Ray only: GPUs each cell task reserves.")
 @click.option("--retries", type=int, default=1, show_default=True,
               help="Ray only: re-runs of a cell whose worker died before it is recorded as failed.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override a method field (lr=0.01, for every entry that has it), a cell setting (budget=0.1, "
+                   "budget.seconds=60, amp=true, validation=0, latency_threads=1), a data option (image_size=48, "
+                   "augment=crop_flip, mean=[...] std=[...]) or teacher_recipe.<field>; values are YAML; repeatable.")
+@click.option("--seeds", default=None, help="Comma-separated seeds replacing the grid's, e.g. 0,1,2.")
+@click.option("--budget", "budget_text", default=None,
+              help="Budget of every cell: a fraction of the paper budget (0.5) or caps (seconds=60, teacher_queries=N, "
+                   "student_steps=N, fraction=F; comma-separated).")
+@click.option("--only", default=None, help="Run only these method entries (comma-separated labels, e.g. kd,dafl).")
+@click.option("--dry-run", is_flag=True,
+              help="List the cells, what is cached (teachers, pruned students, finished rows) and an estimate of their "
+                   "cost from earlier rows; runs nothing, writes nothing.")
 @_common_paths
 @_fail_cleanly
 def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, executor, address, num_cpus, cpus_per_cell,
-        gpus_per_cell, retries, device, data_root, cache_dir):
+        gpus_per_cell, retries, assignments, seeds, budget_text, only, dry_run, device, data_root, cache_dir):
     """Run a grid of (dataset x teacher/student pair x method x seed) cells.
 
-    Writes one row per cell to OUT/runs.csv as cells finish. Re-running the same command resumes:
-    finished cells are skipped, and a change to any hyperparameter makes a new cell.
+    Writes one row per cell to OUT/runs.csv as cells finish, and the report to OUT/report/. Re-running the
+    same command resumes: finished cells are skipped, and a change to any hyperparameter makes a new cell.
 
     \b
     Examples:
       bench run --grid smoke                       # seconds: digits, tiny models, every method
       bench run --grid quick --device auto         # Fashion-MNIST, ~20 min on 2 CPU cores
+      bench run --grid quick --dry-run             # the cells, what is cached, estimated seconds
+      bench run --grid quick --only dafl --seeds 0,1,2 --budget seconds=60
+      bench run --grid smoke --set lr=0.01 --set budget.seconds=5 --out results/smoke-lr
       bench run --grid my_grid.yaml --out results/mine --rerun-failed
       bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
       bench run --grid full --executor ray --address auto --gpus-per-cell 1   # on a Ray cluster
     """
+    import dataclasses
+
+    from bench import overrides
     from bench.grid import load_grid
     from bench.method import load_plugin
     from bench.runner import Runner, RunOptions, resolve_device, summary_table
@@ -102,8 +120,22 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
     for plugin in plugins:
         load_plugin(plugin)
     grid = load_grid(grid_name)
+    if only:
+        grid = overrides.only(grid, [x.strip() for x in only.split(",") if x.strip()])
+    if seeds:
+        grid = dataclasses.replace(grid, seeds=overrides.parse_seeds(seeds))
+    pairs = overrides.parse_assignments(assignments)
+    if budget_text:
+        pairs.append(("budget", overrides.parse_budget(budget_text)))
+    grid = overrides.apply(grid, pairs)
     options = RunOptions(out=out or Path("results") / grid.name, device=resolve_device(device), data_root=data_root,
                          cache_dir=cache_dir, force=force, rerun_failed=rerun_failed, progress=not no_progress)
+    if dry_run:
+        from bench.dryrun import plan
+
+        click.echo(f"grid {grid.name!r} -> {options.out}/runs.csv on {options.device}")
+        click.echo(plan(grid, options))
+        return
     click.echo(f"grid {grid.name!r} -> {options.out}/runs.csv on {options.device}")
     if executor == "ray":
         from bench.ray_executor import RayOptions, run_grid
@@ -125,6 +157,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
 
 
 def _render_report(results: Path, out: Path | None) -> None:
+    """The report of ``results``, by default into ``results/report`` (beside its runs.csv, git-ignored)."""
     try:
         from bench import report as report_module
     except ImportError:  # the report module arrives with the report issue
@@ -257,7 +290,8 @@ def evaluate(cell_dir, device, data_root, cache_dir):
         raise BenchError(f"{cell_dir} holds no saved student (student.pt + student.json): the cell failed, or was run "
                          f"by a version of dfkd-bench that did not save students; re-run it with `bench run --force`")
     dev = resolve_device(device)
-    data = task_data(config["dataset"], root=data_root, device=dev, validation=config.get("validation"))
+    data = task_data(config["dataset"], root=data_root, device=dev, validation=config.get("validation"),
+                     options=config.get("data_options"))  # the image size and normalisation the cell ran at
     model = model.to(dev)
     accuracy = lambda x, y: evaluate_accuracy(model, x, y, lambda xb: to_float(xb, data.info))  # noqa: E731
     test = accuracy(data.test_x, data.test_y)
@@ -272,7 +306,7 @@ def evaluate(cell_dir, device, data_root, cache_dir):
 @main.command()
 @click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder [default: reports/<results dir name>].")
+              help="Report folder [default: RESULTS_DIR/report].")
 def report(results_dir, out):
     """Render the accuracy-vs-latency report of a results folder (RESULTS_DIR/runs.csv).
 
@@ -286,7 +320,7 @@ def report(results_dir, out):
 
     \b
     Examples:
-      bench report results/quick                   # -> reports/quick/index.html
+      bench report results/quick                   # -> results/quick/report/index.html
       bench report results/mine --out /tmp/mine-report
     """
     from bench.report import ReportError, render
@@ -296,6 +330,146 @@ def report(results_dir, out):
     except ReportError as exc:
         raise BenchError(str(exc)) from None
     click.echo(f"report: {target / 'index.html'}")
+
+
+@main.command()
+@click.option("--dataset", required=True, help="A dataset name (bench list datasets) or imagefolder:<path>.")
+@click.option("--teacher", "teacher_arch", required=True,
+              help="The teacher's architecture: a zoo name, timm:<name> or torchvision:<name>.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your trained teacher: a state dict (torch.save(model.state_dict())) from this harness, timm, "
+                   "torchvision or DataParallel ('module.'); loaded with weights_only=True. Default: train and cache one.")
+@click.option("--teacher-pretrained", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Local weights (e.g. a timm model's ImageNet state dict) the harness starts training the teacher from; "
+                   "the classifier is re-initialised for the dataset's classes.")
+@click.option("--student", required=True, help="The student: a model name, timm:<name>, torchvision:<name> or pruned:l1:<ratio>.")
+@click.option("--method", required=True, help="A method name (bench list methods).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="A method field (lr=0.01), a cell setting (budget=0.1, budget.seconds=60, amp=true, validation=0, "
+                   "latency_threads=1), a data option (image_size=48, augment=crop_flip, mean=[...] std=[...]) or "
+                   "teacher_recipe.<field>; values are YAML; repeatable.")
+@click.option("--seed", default=0, show_default=True, help="The cell's seed.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results") / "distill",
+              show_default=True, help="Results folder (runs.csv, cells/<cell_id>/student.pt); shared by distill calls.")
+@click.option("--plugin", "plugins", multiple=True, help="A Python file or module defining extra methods (repeatable).")
+@click.option("--force", is_flag=True, help="Run the cell again even if it is finished.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_common_paths
+@_fail_cleanly
+def distill(dataset, teacher_arch, teacher_checkpoint, teacher_pretrained, student, method, assignments, seed, out,
+            plugins, force, no_progress, device, data_root, cache_dir):
+    """Distil one teacher into one student with one method: one cell, as `bench run` runs it.
+
+    Same row (OUT/runs.csv), same artefacts (OUT/cells/<cell_id>/: student.pt + student.json, curve,
+    samples), same resume: calling it again with the same arguments finds the finished cell and runs
+    nothing (a failed cell is run again). The budget is the method's paper budget unless --set
+    budget=... says otherwise.
+
+    \b
+    Examples:
+      bench distill --dataset digits --teacher lenet5 --student lenet5_half --method kd --set budget=0.05
+      bench distill --dataset imagefolder:data/flowers --set image_size=48 \\
+          --teacher timm:resnet18 --teacher-checkpoint resnet18_flowers.pth \\
+          --student lenet5_half --method dafl --set "budget.seconds=600 mean=[0.485,0.456,0.406] std=[0.229,0.224,0.225]"
+      bench evaluate results/distill/cells/<cell_id>      # rebuild the student, print its accuracy
+      bench export results/distill/cells/<cell_id> --format torchscript
+    """
+    from bench import overrides
+    from bench.method import load_plugin
+    from bench.runner import Runner, RunOptions, resolve_device
+    from bench.store import ResultsStore
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    from bench.teachers import load_state_dict
+
+    for flag, path in (("--teacher-checkpoint", teacher_checkpoint), ("--teacher-pretrained", teacher_pretrained)):
+        if path is not None and not path.is_file():
+            raise BenchError(f"{flag} {str(path)!r} does not exist")
+        if path is not None:
+            load_state_dict(path)  # a pickled module or a damaged file: one clear error before any work
+    grid = overrides.single_cell_grid(dataset, teacher_arch, student, method, seed=seed,
+                                      checkpoint=str(teacher_checkpoint.resolve()) if teacher_checkpoint else None,
+                                      pretrained=str(teacher_pretrained.resolve()) if teacher_pretrained else None,
+                                      assignments=overrides.parse_assignments(assignments))
+    options = RunOptions(out=out, device=resolve_device(device), data_root=data_root, cache_dir=cache_dir, force=force,
+                         rerun_failed=True, progress=not no_progress, keep_earlier_cells=True)
+    summary = Runner(options).run(grid)
+    if summary.interrupted:
+        click.echo("interrupted: run the same command again to resume the cell", err=True)
+        sys.exit(130)
+    row = ResultsStore(out).rows[summary.cell_ids[0]]
+    cell_dir = out / "cells" / row["cell_id"]
+    state = "ran" if summary.done else "already finished: nothing re-run (--force runs it again)"
+    click.echo(f"cell {row['cell_id']} ({state}): {row['method']} on {row['dataset']}, {row['teacher']} -> {row['student']}, "
+               f"seed {row['seed']}, budget {row['compute_cap'] or row['budget']}")
+    if row["status"] != "ok":
+        raise BenchError(f"the cell failed: {row['error']} (traceback: {cell_dir / 'error.txt'})")
+    val = f", validation {row['student_acc_val']}%" if row.get("student_acc_val") else ""
+    click.echo(f"student accuracy {row['student_acc']}% (test, final){val}; teacher {float(row['teacher_acc']):.2f}%; "
+               f"{row['params']} params, {row['distill_seconds']} s, {row['teacher_queries']} teacher queries")
+    click.echo(f"student: {cell_dir / 'student.pt'} (architecture: {cell_dir / 'student.json'}); row: {out / 'runs.csv'}")
+    click.echo(f"next: bench evaluate {cell_dir} | bench export {cell_dir} --format torchscript")
+
+
+@main.command()
+@click.option("--results", "results_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A results folder (with runs.csv) to take our numbers from; repeatable [default: every results/*/].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), envvar="DFKD_DATA_ROOT",
+              help="Where official dataset files are looked up, to say which are missing (env DFKD_DATA_ROOT).")
+@click.option("--plugin", "plugins", multiple=True, help="Also count methods from this plugin file/module as registered.")
+@_fail_cleanly
+def reproduce(results_dirs, data_root, plugins):
+    """The papers' tables (DAFL, the DataFree library, ...) with the paper's number beside ours.
+
+    Paper numbers and their sources are in bench/papers.yaml. Ours: final accuracy mean +- std over the
+    seeds found (and best-on-test where the paper's protocol was the best epoch); a row without results
+    says "not run" and what is missing: the method, the dataset's files and where to put them, or the
+    command that runs the cell.
+
+    \b
+    Examples:
+      bench reproduce                                  # every results/*/ folder
+      bench reproduce --results results/full --results results/distill
+    """
+    from bench.method import load_plugin
+    from bench.reproduce import default_results, load_papers, load_rows, render
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    folders = list(results_dirs) or default_results()
+    click.echo(render(load_papers(), load_rows(folders), folders, data_root))
+
+
+@main.command()
+@click.argument("cell_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default="torchscript", show_default=True,
+              help="torchscript (needs nothing more) or onnx (needs: pip install onnx onnxruntime).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file [default: CELL_DIR/student.ts or student.onnx].")
+@_fail_cleanly
+def export(cell_dir, fmt, out):
+    """Export a cell's student as a deployable file and check it gives the student's logits.
+
+    Writes the file and FILE.json (input shape, classes, the normalisation to apply to images); prints
+    the largest absolute logit difference between the export and the student on a batch of inputs,
+    and fails if it exceeds the tolerance.
+
+    \b
+    Examples:
+      bench export results/distill/cells/1f2e3d4c5b6a                 # -> .../student.ts
+      bench export results/quick/cells/1f2e3d4c5b6a --format onnx --out student.onnx
+    """
+    from bench.export import export_student
+
+    result = export_student(cell_dir, fmt, out)
+    click.echo(f"{fmt}: {result.path} (+ {result.path.name}.json: input {result.meta['input_shape']}, "
+               f"mean {result.meta['mean']}, std {result.meta['std']})")
+    click.echo(f"check against the student: max abs logit diff {result.max_abs_diff:.3g} "
+               f"(tolerance {result.tolerance:.3g}) -> {'ok' if result.ok else 'MISMATCH'}")
+    if not result.ok:
+        raise BenchError(f"the {fmt} export does not reproduce the student's logits (max abs diff {result.max_abs_diff:.3g} "
+                         f"> {result.tolerance:.3g}); please report this with the cell's student.json")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ svhn            ``svhn/train_32x32.mat`` and ``svhn/test_32x32.mat`` (label 10 -
 ==============  ======================================================================================
 
 plus ``imagefolder:<path>``: a folder in torchvision's ImageFolder layout
-(``<path>/train/<class>/*.png|jpg`` and ``<path>/test/...`` or ``<path>/val/...``), read with PIL.
+(``<path>/train/<class>/*.png|jpg`` and ``<path>/test/...`` or ``<path>/val/...``), read with PIL at
+32 px unless told otherwise, normalised with its training split's per-channel mean and std.
+
+:class:`DataOptions` changes how a task's images are presented (a grid's ``dataset_options``, ``bench
+distill --set``): ``image_size`` (an image folder is read at that size; other datasets are resized
+bilinearly), ``augment`` (the training augmentation: none | crop_flip) and ``mean``/``std`` (the
+normalisation a user's teacher was trained with). They change the data a cell sees, so they are part
+of its identity (through :func:`fingerprint` and the cell's ``data_options``).
 """
 from __future__ import annotations
 
@@ -52,14 +59,14 @@ from bench.config import ConfigError
 from bench.registry import Registry
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "DatasetInfo", "DatasetMissingError", "ImageData", "carve_validation", "clear_cache",
+    "AUGMENTATIONS", "DATASETS", "DataOptions", "DatasetInfo", "DatasetMissingError", "ImageData", "carve_validation", "clear_cache",
     "few_sample_indices", "fingerprint", "list_datasets", "load_dataset", "load_images", "register_dataset",
     "resolve_data_root", "task_data",
 ]
 
 AUGMENTATIONS = ("none", "crop_flip")
 IMAGEFOLDER_PREFIX = "imagefolder:"
-IMAGEFOLDER_SIZE = 32  # side an image folder's pictures are resized to
+IMAGEFOLDER_SIZE = 32  # default side an image folder's pictures are resized to (DataOptions.image_size changes it)
 IMAGEFOLDER_VALIDATION = 0.1  # fraction of an image folder's train split held out for validation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ENV_DATA_ROOT = "DFKD_DATA_ROOT"
@@ -118,6 +125,60 @@ class ImageData:
                          move(self.val_x), move(self.val_y))
 
 
+@dataclass
+class DataOptions:
+    """How a task's images are presented; every field None keeps the dataset's own choice.
+
+    ``image_size``: the side the models see (an image folder is read at it, other sets are resized);
+    ``augment``: the training augmentation (none | crop_flip); ``mean``/``std``: per-channel
+    normalisation in [0, 1] pixel units (e.g. the ImageNet constants a timm teacher was trained with)."""
+
+    image_size: int | None = None
+    augment: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def validate(self) -> None:
+        if self.image_size is not None and not 4 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be between 4 and 1024 pixels, got {self.image_size}")
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment: unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("mean and std go together: give both (one value per image channel) or neither")
+        if self.std is not None and (any(v <= 0 for v in self.std) or len(self.std) != len(self.mean or [])):
+            raise ConfigError(f"std must be positive, one value per channel like mean; got mean={self.mean}, std={self.std}")
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, as plain data (what a cell records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def data_options(value: "DataOptions | dict[str, Any] | None", where: str = "dataset_options") -> DataOptions:
+    """``value`` as validated :class:`DataOptions` (None: no options)."""
+    if isinstance(value, DataOptions):
+        return value
+    from bench.config import from_mapping
+
+    return from_mapping(DataOptions, dict(value or {}), where)
+
+
+def apply_options(data: ImageData, options: DataOptions, name: str) -> ImageData:
+    """``data`` presented as ``options`` say: resized, with another augmentation or normalisation."""
+    info = data.info
+    x_train, x_test = data.train_x, data.test_x
+    if options.image_size is not None and options.image_size != info.image_size:
+        x_train, x_test = _resize_uint8(x_train, options.image_size), _resize_uint8(x_test, options.image_size)
+    changes: dict[str, Any] = {"image_size": int(x_train.shape[-1])}
+    if options.augment is not None:
+        changes["augment"] = options.augment
+    if options.mean is not None:
+        if len(options.mean) != info.channels:
+            raise ConfigError(f"dataset {name!r} has {info.channels} channel(s), but mean/std give {len(options.mean)} "
+                              f"values: {options.mean}")
+        changes.update(mean=tuple(float(v) for v in options.mean), std=tuple(float(v) for v in options.std))
+    return ImageData(dataclasses.replace(info, **changes), x_train, data.train_y, x_test, data.test_y)
+
+
 class DatasetMissingError(FileNotFoundError):
     """A dataset's files are not in the data root (and could not be downloaded)."""
 
@@ -135,8 +196,8 @@ class DatasetEntry:
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
-_DATA_CACHE: dict[tuple[str, str, str], ImageData] = {}
-_TASK_CACHE: dict[tuple[str, str, str, int], ImageData] = {}
+_DATA_CACHE: dict[tuple[str, str, str, int | None], ImageData] = {}
+_TASK_CACHE: dict[tuple[str, str, str, int, str], ImageData] = {}
 _IMAGES_CACHE: dict[tuple[str, str, int, int], torch.Tensor] = {}
 _FINGERPRINTS: dict[tuple[str, str, int], str] = {}
 
@@ -197,27 +258,29 @@ def clear_cache() -> None:
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu",
-                 download: bool = True) -> ImageData:
+                 download: bool = True, image_size: int | None = None) -> ImageData:
     """Dataset ``name`` as tensors on ``device``, loaded once per process per (name, root): the official
     train and test splits, no validation split (:func:`task_data` carves one).
 
     ``name`` is a registered name (:func:`list_datasets`) or ``imagefolder:<path>``. Missing files
     are downloaded with torchvision when ``download`` is true and the dataset supports it; otherwise
     (or offline) :class:`DatasetMissingError` says which files to put where. The returned tensors
-    are shared with the cache: do not modify them in place.
+    are shared with the cache: do not modify them in place. ``image_size`` reads an image folder at
+    that side (other datasets are resized by :func:`apply_options`).
     """
     check_dataset_name(name, task=False)
     data_root = resolve_data_root(root)
     device = torch.device(device)
-    cpu_key = (name, str(data_root), "cpu")
+    folder_size = (image_size or IMAGEFOLDER_SIZE) if name.startswith(IMAGEFOLDER_PREFIX) else None
+    cpu_key = (name, str(data_root), "cpu", folder_size)
     if cpu_key not in _DATA_CACHE:
         if name.startswith(IMAGEFOLDER_PREFIX):
-            data = _load_imagefolder(name)
+            data = _load_imagefolder(name, folder_size)
         else:
             data = DATASETS.get(name).loader(data_root, download)
         _check_image_data(data, name)
         _DATA_CACHE[cpu_key] = data
-    key = (name, str(data_root), str(device))
+    key = (name, str(data_root), str(device), folder_size)
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = _DATA_CACHE[cpu_key].to(device)
     return _DATA_CACHE[key]
@@ -233,19 +296,23 @@ def default_validation(name: str, train_size: int | None = None) -> int:
 
 
 def task_data(name: str, root: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu",
-              validation: int | None = None, download: bool = True) -> ImageData:
+              validation: int | None = None, download: bool = True,
+              options: DataOptions | dict[str, Any] | None = None) -> ImageData:
     """Dataset ``name`` as a distillation task: the official training split minus a held-out validation
     split of ``validation`` images (None: the dataset's default, :func:`default_validation`; 0: none,
-    a paper's full-train protocol), and the official test split. Test-only sets are refused."""
+    a paper's full-train protocol), and the official test split, presented as ``options`` say
+    (:class:`DataOptions`). Test-only sets are refused."""
     check_dataset_name(name, task=True)
-    base = load_dataset(name, root, "cpu", download)
+    options = data_options(options)
+    base = load_dataset(name, root, "cpu", download, image_size=options.image_size)
     size = default_validation(name, base.train_x.shape[0]) if validation is None else validation
     device = torch.device(device)
-    key = (name, str(resolve_data_root(root)), str(device), size)
+    opts_key = repr(sorted(options.given().items()))
+    key = (name, str(resolve_data_root(root)), str(device), size, opts_key)
     if key not in _TASK_CACHE:
-        cpu_key = (*key[:2], "cpu", size)
+        cpu_key = (*key[:2], "cpu", size, opts_key)
         if cpu_key not in _TASK_CACHE:
-            _TASK_CACHE[cpu_key] = carve_validation(base, size)
+            _TASK_CACHE[cpu_key] = carve_validation(apply_options(base, options, name), size)
         _TASK_CACHE[key] = _TASK_CACHE[cpu_key].to(device)
     return _TASK_CACHE[key]
 
@@ -709,8 +776,8 @@ def _svhn(root: Path, download: bool) -> ImageData:
 
 
 # ------------------------------------------------------------------------------------ image folder
-def _load_imagefolder(name: str) -> ImageData:
-    """``imagefolder:<path>``: ``<path>/train/<class>/*`` and ``<path>/test`` (or ``val``), resized to 32 px.
+def _load_imagefolder(name: str, size: int = IMAGEFOLDER_SIZE) -> ImageData:
+    """``imagefolder:<path>``: ``<path>/train/<class>/*`` and ``<path>/test`` (or ``val``), resized to ``size`` px.
 
     Classes are the sorted sub-folder names of ``train`` (as torchvision's ImageFolder). Images are
     grey (1 channel) if all are greyscale, else RGB. mean/std come from the train split.
@@ -751,13 +818,13 @@ def _load_imagefolder(name: str) -> ImageData:
         arrays = []
         for path, _ in items:
             with Image.open(path) as img:
-                img = img.convert(mode).resize((IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), Image.BILINEAR)
+                img = img.convert(mode).resize((size, size), Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
             arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
         tensors[split] = _tensors(np.stack(arrays), np.array([label for _, label in items]))
     train_x, train_y = tensors["train"]
     test_x, test_y = tensors["test"]
     mean, std = _pixel_stats(train_x)
-    info = DatasetInfo(name, len(classes), channels, IMAGEFOLDER_SIZE, mean, std, train_x.shape[0], "none",
+    info = DatasetInfo(name, len(classes), channels, size, mean, std, train_x.shape[0], "none",
                        source=f"imagefolder:{folder.resolve()}")
     return ImageData(info, train_x, train_y, test_x, test_y)

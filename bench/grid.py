@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from bench.config import ConfigError, from_mapping, to_dict
-from bench.data import DatasetMissingError, check_dataset_name, fingerprint, task_data
+from bench.data import DataOptions, DatasetMissingError, check_dataset_name, data_options, fingerprint, task_data
 from bench.method import get_method, load_plugin
 from bench.models import MODELS
 from bench.monitor import Budget
@@ -34,7 +34,8 @@ from bench.teachers import recipe_for, teacher_code_hash
 class PairSpec:
     teacher: str
     student: str
-    teacher_checkpoint: str | None = None  # the user's own teacher weights (a plain state dict)
+    teacher_checkpoint: str | None = None  # the user's own trained teacher (a plain state dict), used as it is
+    teacher_pretrained: str | None = None  # local weights (e.g. ImageNet) the harness starts training the teacher from
     methods: list[str] | None = None  # labels of the method entries to run on this pair (default: all)
     datasets: list[str] | None = None  # the grid's datasets this pair runs on (default: all)
 
@@ -61,6 +62,8 @@ class Grid:
     budget: float | Budget = 1.0  # fraction of each method's paper budget, or a mapping with caps (see MethodEntry)
     teacher_seed: int = 0
     teacher_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: recipe overrides
+    # per dataset: how its images are presented (image_size, augment, mean, std; bench.data.DataOptions)
+    dataset_options: dict[str, DataOptions] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     amp: bool = False  # bf16 autocast where a method supports it (CUDA, or a CPU with native bf16)
     latency_threads: int = 1
@@ -84,6 +87,9 @@ class Grid:
             raise ConfigError(f"checkpoint_every must be >= 0 seconds (0: never), got {self.checkpoint_every}")
         if self.latency_threads < 1:
             raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        unknown = sorted(set(self.dataset_options) - set(self.datasets))
+        if unknown:
+            raise ConfigError(f"dataset_options: {unknown} not in the grid's datasets; valid: {', '.join(self.datasets)}")
 
 
 def as_budget(value: float | Budget, where: str = "budget") -> Budget:
@@ -106,6 +112,7 @@ class Cell:
     teacher: str
     student: str
     teacher_checkpoint: str | None
+    teacher_pretrained: str | None
     teacher_recipe: dict[str, Any]
     teacher_seed: int
     method: str
@@ -117,6 +124,7 @@ class Cell:
     amp: bool
     latency_threads: int
     validation: int | None
+    data_options: dict[str, Any]  # DataOptions that are set (image_size, augment, mean, std)
     checkpoint_every: float
     provenance: dict[str, str]  # content hashes (data, checkpoint, code) and the device type, from Provenance
     cell_id: str
@@ -138,16 +146,18 @@ class Provenance:
 
     ``device`` is the device type the cells run on ("cpu", "cuda"): their numbers differ."""
 
-    def __init__(self, device: str = "cpu", data_root: str | Path | None = None):
+    def __init__(self, device: str = "cpu", data_root: str | Path | None = None, download: bool = True):
         self.device = str(device).split(":")[0]
         self.data_root = data_root
-        self._data: dict[tuple[str, int | None], str] = {}
+        self.download = download  # False: never fetch a missing dataset (bench run --dry-run writes nothing)
+        self._data: dict[tuple[str, int | None, str], str] = {}
 
-    def data(self, dataset: str, validation: int | None) -> str:
-        key = (dataset, validation)
+    def data(self, dataset: str, validation: int | None, options: dict[str, Any] | None = None) -> str:
+        key = (dataset, validation, json.dumps(options or {}, sort_keys=True))
         if key not in self._data:
             try:
-                self._data[key] = fingerprint(task_data(dataset, self.data_root, "cpu", validation))
+                self._data[key] = fingerprint(task_data(dataset, self.data_root, "cpu", validation,
+                                                        download=self.download, options=options))
             except DatasetMissingError:
                 self._data[key] = "missing"  # the cell fails with the loader's message when it runs
         return self._data[key]
@@ -158,7 +168,9 @@ class Provenance:
         return file_hash(path) if Path(path).is_file() else f"missing:{path}"
 
     def for_cell(self, cell: "Cell") -> dict[str, str]:
-        return {"data": self.data(cell.dataset, cell.validation), "teacher_checkpoint": self.checkpoint(cell.teacher_checkpoint),
+        return {"data": self.data(cell.dataset, cell.validation, cell.data_options),
+                "teacher_checkpoint": self.checkpoint(cell.teacher_checkpoint),
+                "teacher_pretrained": self.checkpoint(cell.teacher_pretrained),
                 "teacher_code": teacher_code_hash() if cell.teacher_checkpoint is None else "",
                 "method_code": method_source_hash(get_method(cell.method)), "harness_code": harness_hash(),
                 "device": self.device}
@@ -232,9 +244,13 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
     for dataset in grid.datasets:
         check_dataset_name(dataset, f"{where}: datasets")
         recipe = recipe_for(dataset, grid.teacher_recipe.get(dataset), f"{where}: teacher_recipe.{dataset}")
+        options = data_options(grid.dataset_options.get(dataset), f"{where}: dataset_options.{dataset}").given()
         for i, pair in enumerate(grid.pairs):
             check_name(pair.teacher, MODELS.names(), "teacher model", f"{where}: pairs[{i}].teacher", ("timm:", "torchvision:"))
             check_spec(pair.student, f"{where}: pairs[{i}].student")
+            if pair.teacher_checkpoint and pair.teacher_pretrained:
+                raise ConfigError(f"{where}: pairs[{i}]: give teacher_checkpoint (a trained teacher, used as it is) or "
+                                  f"teacher_pretrained (weights the harness starts training from), not both")
             unknown_data = sorted(set(pair.datasets or []) - set(grid.datasets))
             if unknown_data:
                 raise ConfigError(f"{where}: pairs[{i}].datasets: {unknown_data} not in the grid's datasets; "
@@ -255,12 +271,13 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
                     if entry.budget is not None else default_budget
                 for seed in grid.seeds:
                     cell = Cell(grid=grid.name, dataset=dataset, teacher=pair.teacher, student=pair.student,
-                                teacher_checkpoint=pair.teacher_checkpoint, teacher_recipe=to_dict(recipe),
+                                teacher_checkpoint=pair.teacher_checkpoint, teacher_pretrained=pair.teacher_pretrained,
+                                teacher_recipe=to_dict(recipe),
                                 teacher_seed=grid.teacher_seed, method=entry.name, label=entry.label or entry.name,
                                 preset=preset, params=to_dict(config), seed=seed, budget=to_dict(budget),
                                 amp=entry.amp if entry.amp is not None else grid.amp,
                                 latency_threads=grid.latency_threads, validation=grid.validation,
-                                checkpoint_every=grid.checkpoint_every, provenance={}, cell_id="")
+                                data_options=options, checkpoint_every=grid.checkpoint_every, provenance={}, cell_id="")
                     if provenance is not None:
                         cell = dataclasses.replace(cell, provenance=provenance.for_cell(cell))
                     blob = json.dumps(cell.identity(), sort_keys=True)

@@ -16,7 +16,13 @@ Built in (all for 1- or 3-channel input; 32x32 is the reference size):
 - ``vgg11``, ``vgg13``, ``vgg16`` (no BN) and ``vgg11_bn``, ``vgg13_bn``, ``vgg16_bn``: CIFAR VGG
   (Simonyan & Zisserman 2015) as in "Pruning Filters for Efficient ConvNets" (Li et al., ICLR 2017) and
   the FSKD sample (Li et al., CVPR 2020). Need at least 32x32 input (five 2x2 max-pools).
-- ``timm:<name>`` and ``torchvision:<name>``: wrapped third-party architectures (never pretrained).
+- ``timm:<name>`` and ``torchvision:<name>``: wrapped third-party architectures, built untrained at the
+  dataset's image size (any size the architecture takes); a teacher may start from a local weights file
+  (a grid pair's ``teacher_pretrained``, :func:`bench.teachers.load_pretrained`), never from a download.
+
+A checkpoint saved from the third-party library itself (``timm.create_model(name).state_dict()``,
+a torchvision model's ``state_dict()``) loads into the wrapper: :meth:`Classifier.map_foreign_key`
+maps its keys to the wrapper's (``model.`` for timm; ``body.``/``head.`` for torchvision).
 
 Nonlinearities are separate, non-inplace modules, so a forward hook on a conv sees its pre-activation
 output unchanged (FSKD's 1x1 fitting, feature distillation) and pruning tools can walk the layers.
@@ -65,6 +71,24 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def map_foreign_key(self, key: str) -> str:
+        """The name in this model's state dict of ``key`` from a checkpoint of the unwrapped architecture
+        (identity for the zoo's own models, whose module names are the reference code's)."""
+        return key
+
+    def classifier_prefix(self) -> str:
+        """The state-dict prefix of the final classifier (re-initialised when pretrained weights of another
+        number of classes are loaded), e.g. ``fc2.``."""
+        head = self.classifier_module()
+        for name, module in self.named_modules():
+            if module is head and name:
+                return name + "."
+        raise ValueError(f"{type(self).__name__}: cannot find its classifier module")
+
+    def classifier_module(self) -> nn.Module:
+        """The module that computes the logits from the penultimate feature."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its classifier module")
 
 
 def features_and_logits(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +180,9 @@ class LeNet5(Classifier):
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.relu4(self.fc1(f)))
 
+    def classifier_module(self) -> nn.Module:
+        return self.fc2
+
 
 LENET5_WIDTHS = (6, 16, 120, 84)
 
@@ -244,6 +271,9 @@ class CifarResNet(Classifier):
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.linear(f)
 
+    def classifier_module(self) -> nn.Module:
+        return self.linear
+
 
 @register_model("resnet18")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> CifarResNet:
@@ -325,6 +355,9 @@ class WideResNet(Classifier):
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f)
 
+    def classifier_module(self) -> nn.Module:
+        return self.fc
+
 
 def _register_wrn(depth: int, widen_factor: int) -> None:
     name = f"wrn_{depth}_{widen_factor}"
@@ -390,6 +423,9 @@ class CifarVGG(Classifier):
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.classifier(f)
 
+    def classifier_module(self) -> nn.Module:
+        return self.classifier
+
 
 def _register_vgg(name: str, batch_norm: bool) -> None:
     cfg = _VGG_CFGS[name]
@@ -426,6 +462,12 @@ class TimmClassifier(Classifier):
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.model.get_classifier()(f)
+
+    def map_foreign_key(self, key: str) -> str:
+        return "model." + key  # timm's own state dict: the wrapper keeps the model as ``model``
+
+    def classifier_module(self) -> nn.Module:
+        return self.model.get_classifier()
 
 
 def _create_timm(name: str, num_classes: int, in_channels: int, image_size: int) -> Classifier:
@@ -483,10 +525,11 @@ class TorchvisionClassifier(Classifier):
     """A torchvision classifier whose final Linear was replaced by Identity (``body``), so that
     ``body(x)`` is the penultimate feature; the Linear is kept as ``head``."""
 
-    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, body: nn.Module, head: nn.Linear, head_name: str = "") -> None:
         super().__init__()
         self.body = body
         self.head = head
+        self.head_name = head_name  # where torchvision keeps the final Linear (e.g. "fc")
         self.feature_dim = head.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,6 +537,15 @@ class TorchvisionClassifier(Classifier):
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         return self.head(f)
+
+    def map_foreign_key(self, key: str) -> str:
+        # torchvision's own state dict: the final Linear (e.g. fc.weight) is our head, the rest our body
+        if self.head_name and key.startswith(self.head_name + "."):
+            return "head." + key[len(self.head_name) + 1:]
+        return "body." + key
+
+    def classifier_module(self) -> nn.Module:
+        return self.head
 
 
 def _create_torchvision(name: str, num_classes: int, in_channels: int, image_size: int) -> Classifier:
@@ -518,7 +570,7 @@ def _create_torchvision(name: str, num_classes: int, in_channels: int, image_siz
             in_channels, stem.out_channels, kernel_size=stem.kernel_size, stride=stem.stride,
             padding=stem.padding, dilation=stem.dilation, groups=stem.groups, bias=stem.bias is not None))
     model.set_submodule(family.head, nn.Identity())
-    return _checked(f"torchvision:{name}", TorchvisionClassifier(model, head), in_channels, image_size)
+    return _checked(f"torchvision:{name}", TorchvisionClassifier(model, head, family.head), in_channels, image_size)
 
 
 MODELS.register("torchvision", prefix="<name>")(_create_torchvision)

@@ -104,7 +104,7 @@ def prepare_student(opts: RunOptions, device: str, cell: Cell, teacher_key: str)
 
     runner = Runner(_worker_options(opts, device, opts.out))
     teacher = runner.teacher(cell)
-    build_student(cell.student, runner.student_context(cell, teacher, runner.data(cell.dataset, cell.validation)))
+    build_student(cell.student, runner.student_context(cell, teacher, runner.cell_data(cell)))
     return teacher_key
 
 

@@ -11,8 +11,8 @@ Input (written by ``bench run``):
 - ``RESULTS_DIR/cells/<cell_id>/error.txt``: the traceback of a failed cell (optional);
 - ``RESULTS_DIR/grid.json``: the grid's name, description and current cell ids (optional).
 
-Output (default ``reports/<results dir name>``): ``index.html`` (self-contained: every plot inline as a
-base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary.csv`` (the aggregated table),
+Output (default ``<results dir>/report``, beside its runs.csv): ``index.html`` (self-contained: every plot
+inline as a base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary.csv`` (the aggregated table),
 ``best_at_budget.csv`` and ``latency_budget.csv`` (the two decision tables) and every plot as
 ``plots/<name>.png`` and ``plots/<name>.svg``.
 
@@ -48,7 +48,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from bench.store import COLUMNS
+from bench.store import COLUMNS, RECORD_ONLY
 
 # Without these the rows cannot be placed in a table at all.
 REQUIRED_COLUMNS = ("dataset", "teacher", "student", "method", "student_acc")
@@ -108,7 +108,7 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         raise ReportError(f"{path} lacks the required column(s) {missing_required}; its columns are "
                           f"{list(df.columns)}; expected the columns of bench.store.COLUMNS")
     notes = []
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns and c not in RECORD_ONLY]
     if missing:
         notes.append(f"runs.csv lacks the column(s) {', '.join(missing)} (written by an older `bench run`): "
                      "what needs them is left out or shown as '–'.")
@@ -1011,7 +1011,7 @@ def _slug(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- render
 def render(results_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of ``results_dir`` into ``out`` (default ``reports/<results dir name>``); return ``out``."""
+    """Write the report of ``results_dir`` into ``out`` (default ``<results_dir>/report``); return ``out``."""
     results_dir = Path(results_dir)
     df, notes = load_runs(results_dir)
     grid = _grid_info(results_dir)
@@ -1023,7 +1023,7 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
         df = df[df["cell_id"].isin(current)].reset_index(drop=True)
         if df.empty:
             raise ReportError(f"no row of {results_dir / 'runs.csv'} belongs to the grid's current cells")
-    out = Path(out) if out is not None else Path("reports") / (results_dir.resolve().name or "results")
+    out = Path(out) if out is not None else results_dir / "report"
     plots_dir, samples_dir = out / "plots", out / "samples"
     for folder in (plots_dir, samples_dir):
         if folder.is_dir():  # drop what an earlier render left (a dataset or method may have gone)

@@ -76,6 +76,7 @@ class RunOptions:
     rerun_failed: bool = False
     progress: bool = True
     latency_min_run_time: float = 1.0
+    keep_earlier_cells: bool = False  # grid.json keeps the cells of earlier runs into this folder (bench distill)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RunSummary:
     failed: int = 0
     interrupted: bool = False
     timed: int = 0  # architectures timed by the latency pass
+    cell_ids: list[str] = field(default_factory=list)  # every cell of the grid, run or skipped
 
 
 class _Progress:
@@ -139,23 +141,37 @@ def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
         "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
         "seed": cell.seed, "budget": cell.compute.fraction, "compute_cap": budget_text(cell),
         "validation": "" if cell.validation is None else cell.validation,
+        "teacher_checkpoint": cell.teacher_checkpoint or "", "teacher_pretrained": cell.teacher_pretrained or "",
+        "data_options": json.dumps(cell.data_options, sort_keys=True) if cell.data_options else "",
         "device": str(device), "cpu": cpu_name(), "torch": torch.__version__, "git_commit": commit,
         "git_dirty": "" if dirty is None else dirty, "latency_threads": cell.latency_threads,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "method_params": json.dumps(cell.params, sort_keys=True),
     }
 
 
-def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str) -> None:
-    """``grid.json``: the grid's name, description and current cell_ids (the report shows only those)."""
+def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str, keep_earlier: bool = False) -> None:
+    """``grid.json``: the grid's name, description and current cell_ids (the report shows only those).
+
+    ``keep_earlier``: add to the cell_ids already listed (``bench distill`` runs one cell at a time into
+    one folder, and each call's cell stays part of its report)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps({"name": grid.name, "description": grid.description, "cells": len(cells),
-                                               "cell_ids": [c.cell_id for c in cells], "executor": executor}, indent=2))
+    ids = [c.cell_id for c in cells]
+    path = out / "grid.json"
+    if keep_earlier and path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("cell_ids") or []
+        except (ValueError, AttributeError):
+            earlier = []
+        ids = [i for i in earlier if i not in ids] + ids
+    path.write_text(json.dumps({"name": grid.name, "description": grid.description, "cells": len(ids),
+                                "cell_ids": ids, "executor": executor}, indent=2))
 
 
 def teacher_identity(cell: Cell) -> tuple:
     """What makes a cell's teacher: cells sharing it share one trained (or loaded) teacher."""
-    return (cell.dataset, cell.validation, cell.teacher, json.dumps(cell.teacher_recipe, sort_keys=True),
-            cell.teacher_seed, cell.teacher_checkpoint)
+    return (cell.dataset, cell.validation, json.dumps(cell.data_options, sort_keys=True), cell.teacher,
+            json.dumps(cell.teacher_recipe, sort_keys=True), cell.teacher_seed, cell.teacher_checkpoint,
+            cell.teacher_pretrained)
 
 
 def cells_to_run(cells: list[Cell], store: ResultsStore, opts: RunOptions) -> list[Cell]:
@@ -183,20 +199,25 @@ class Runner:
         self._teachers: dict[tuple, Teacher] = {}
         self.progress: _Progress | None = None
 
-    def data(self, name: str, validation: int | None = None):
-        return task_data(name, root=self.options.data_root, device=self.options.device, validation=validation)
+    def data(self, name: str, validation: int | None = None, options: dict[str, Any] | None = None):
+        return task_data(name, root=self.options.data_root, device=self.options.device, validation=validation,
+                         options=options)
+
+    def cell_data(self, cell: Cell):
+        return self.data(cell.dataset, cell.validation, cell.data_options)
 
     def teacher(self, cell: Cell) -> Teacher:
         key = teacher_identity(cell)
         if key not in self._teachers:
-            data = self.data(cell.dataset, cell.validation)
+            data = self.cell_data(cell)
             recipe = from_mapping(TeacherRecipe, cell.teacher_recipe, "teacher_recipe")
             progress = self.progress
             on_train = (lambda total: progress.phase(f"teacher {cell.teacher} on {cell.dataset}", total)) if progress else None
             log = (lambda it, losses: progress.log(it, {k: float(v.detach()) for k, v in losses.items()})) if progress else (lambda it, losses: None)
             self._teachers[key] = get_teacher(cell.dataset, cell.teacher, data, self.options.device, seed=cell.teacher_seed,
                                               recipe=recipe, cache_dir=self.options.cache_dir,
-                                              checkpoint=cell.teacher_checkpoint, log=log, on_train=on_train)
+                                              checkpoint=cell.teacher_checkpoint, pretrained=cell.teacher_pretrained,
+                                              log=log, on_train=on_train)
         return self._teachers[key]
 
     def student_context(self, cell: Cell, teacher: Teacher, data) -> StudentContext:
@@ -222,14 +243,15 @@ class Runner:
         token = None
         try:
             method_cls = get_method(cell.method)
-            data = self.data(cell.dataset, cell.validation)
+            data = self.cell_data(cell)
             teacher = self.teacher(cell)
             info = data.info
             input_shape = (info.channels, info.image_size, info.image_size)
             row.update(teacher_acc=teacher.accuracy, teacher_params=count_params(teacher.model),
                        teacher_macs=count_flops(teacher.model, input_shape)[1],
                        teacher_arch_id=architecture_id(teacher.model), input_shape=json.dumps(list(input_shape)),
-                       num_classes=info.num_classes, validation=int(data.val_x.shape[0]))
+                       num_classes=info.num_classes, validation=int(data.val_x.shape[0]),
+                       input_mean=json.dumps(list(info.mean)), input_std=json.dumps(list(info.std)), augment=info.augment)
 
             provision.seed_everything(cell.seed)
             student = build_student(cell.student, self.student_context(cell, teacher, data))
@@ -252,7 +274,8 @@ class Runner:
                 on_phase=(lambda name, total, done: progress.phase(f"{cell.label}: {name}", total, done)) if progress else None,
                 on_step=progress.step if progress else None)
             measured = provision.measure(outcome.student, token, input_shape)
-            provision.save_student(outcome.student, student.record(cell.student, info), cell_dir)
+            record = {**student.record(cell.student, info), "mean": list(info.mean), "std": list(info.std)}
+            provision.save_student(outcome.student, record, cell_dir)  # mean/std: the input a deployment must feed
             _write_jsonl(cell_dir / "anytime.jsonl", outcome.anytime)
             row.update(
                 status="ok", error="", student_acc=round(measured.test_acc, 3),
@@ -303,9 +326,9 @@ class Runner:
         opts = self.options
         cells = expand(grid, provenance=Provenance(opts.device.type, opts.data_root))
         store = ResultsStore(opts.out).lock()
-        write_grid_json(opts.out, grid, cells, "local")
+        write_grid_json(opts.out, grid, cells, "local", keep_earlier=opts.keep_earlier_cells)
         todo = cells_to_run(cells, store, opts)
-        summary = RunSummary(skipped=len(cells) - len(todo))
+        summary = RunSummary(skipped=len(cells) - len(todo), cell_ids=[c.cell_id for c in cells])
         self.progress = _Progress(len(todo), opts.progress)
         try:
             for cell in todo:

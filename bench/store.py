@@ -18,6 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+# The teacher's source and the input it takes (bench distill: a user's own teacher and data). They record a
+# cell's inputs, no report figure reads them, so an older runs.csv lacks them without a note.
+RECORD_ONLY = ("teacher_checkpoint", "teacher_pretrained", "data_options", "input_mean", "input_std", "augment")
+
 # The public column set (DESIGN.md "Results"); scripts and the report read these names.
 COLUMNS = [
     "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "seed",
@@ -27,6 +31,7 @@ COLUMNS = [
     "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
     "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",
     "git_commit", "git_dirty", "started", "finished", "method_params",
+    *RECORD_ONLY,
 ]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,9 +73,13 @@ def recipe_for(dataset: str, overrides: Mapping[str, Any] | None = None, where: 
     return from_mapping(TeacherRecipe, {**RECIPES.get(dataset, DEFAULT_RECIPE), **dict(overrides or {})}, where)
 
 
-def teacher_key(dataset: str, arch: str, recipe: TeacherRecipe, seed: int, data_fingerprint: str = "") -> str:
-    blob = json.dumps({"dataset": dataset, "arch": arch, "recipe": to_dict(recipe), "seed": seed,
-                       "data": data_fingerprint, "code": teacher_code_hash()}, sort_keys=True)
+def teacher_key(dataset: str, arch: str, recipe: TeacherRecipe, seed: int, data_fingerprint: str = "",
+                pretrained_hash: str = "") -> str:
+    identity = {"dataset": dataset, "arch": arch, "recipe": to_dict(recipe), "seed": seed,
+                "data": data_fingerprint, "code": teacher_code_hash()}
+    if pretrained_hash:  # only then: the keys of teachers trained from scratch stay as they were
+        identity["pretrained"] = pretrained_hash
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -86,39 +92,138 @@ class CheckpointError(ValueError):
     """A checkpoint is not a plain state dict, or does not fit the architecture."""
 
 
+# where training scripts nest the weights inside a checkpoint dict (timm's train.py: "state_dict")
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain ``{name: tensor}`` state dict from ``path``, loaded with ``weights_only=True``."""
+    """A plain ``{name: tensor}`` state dict from ``path``, loaded with ``weights_only=True`` (never otherwise).
+
+    Accepts a state dict, or a training checkpoint holding one under ``state_dict``, ``model_state_dict``,
+    ``model`` or ``net``. A pickled whole module (``torch.save(model)``) is refused with how to save its
+    state dict instead."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError/RuntimeError with its own message
+    except pickle.UnpicklingError as exc:
+        found = _PICKLED_GLOBAL.search(str(exc))
+        what = f" (it needs the class {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} holds a pickled Python object{what}, e.g. a whole model saved with torch.save(model), not a "
+            "state dict. dfkd-bench loads checkpoints with torch.load(weights_only=True) only, so that a file "
+            "cannot run code. Save the weights instead, in your own trusted session: "
+            f"model = torch.load('{path}', weights_only=False); torch.save(model.state_dict(), 'teacher_state_dict.pt') "
+            "(for a model wrapped in DataParallel: model.module.state_dict()), and pass that file") from None
+    except Exception as exc:  # torch raises RuntimeError/KeyError/EOFError with its own message for a damaged file
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
-                              "save a plain state dict: torch.save(model.state_dict(), path)") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+                              "save a plain state dict: torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict):
+        for key in NESTED_STATE_KEYS:
+            if isinstance(state.get(key), dict) and state[key]:
+                state = state[key]
+                break
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
         raise CheckpointError(f"{path}: not a plain state dict of tensors (got {type(state).__name__}); "
                               "save one with torch.save(model.state_dict(), path)")
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Load ``state`` strictly, with an error that names the mismatching keys and shapes."""
-    own = model.state_dict()
+def _mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
+    return missing, unexpected, wrong
+
+
+def _describe(missing: list, unexpected: list, wrong: list, show: int = 8) -> str:
+    parts = []
+    for what, items in (("shape mismatch", wrong), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            more = f" ... ({len(items)} in all)" if len(items) > show else ""
+            parts.append(f"{what} {items[:show]}{more}")
+    return "; ".join(parts)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load ``state`` strictly, with an error that names the mismatching keys and shapes."""
+    missing, unexpected, wrong = _mismatch(model.state_dict(), state)
     if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch " + "; ".join(wrong[:5]))
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {', '.join(parts)}")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {_describe(missing, unexpected, wrong)}")
     model.load_state_dict(state)
     return model
+
+
+def key_layouts(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """The ways a user's state dict may be laid out, each mapped to ``model``'s key names: as saved by this
+    harness; from the unwrapped library model (timm's or torchvision's own ``state_dict()``, through
+    :meth:`~bench.models.Classifier.map_foreign_key`); each with DataParallel's ``module.`` prefix removed."""
+    layouts = [("as saved", state)]
+    if state and all(k.startswith("module.") for k in state):
+        layouts.append(("without DataParallel's 'module.' prefix", {k[len("module."):]: v for k, v in state.items()}))
+    mapper = getattr(model, "map_foreign_key", None)
+    if mapper is not None:
+        for name, layout in list(layouts):
+            mapped = {mapper(k): v for k, v in layout.items()}
+            if list(mapped) != list(layout):
+                label = f"{type(model).__name__}'s library key names" + ("" if name == "as saved" else f", {name}")
+                layouts.append((label, mapped))
+    return layouts
+
+
+def load_checkpoint_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> str:
+    """Load a user's ``state`` into ``model`` in whichever layout of :func:`key_layouts` fits exactly; returns
+    that layout's name. When none fits, the error lists the missing and unexpected keys of the closest one."""
+    own = model.state_dict()
+    best = None
+    for name, layout in key_layouts(model, state):
+        missing, unexpected, wrong = _mismatch(own, layout)
+        if not (missing or unexpected or wrong):
+            model.load_state_dict(layout)
+            return name
+        score = len(missing) + len(unexpected) + len(wrong)
+        if best is None or score < best[0]:
+            best = (score, name, missing, unexpected, wrong)
+    _, name, missing, unexpected, wrong = best
+    tried = ", ".join(n for n, _ in key_layouts(model, state))
+    raise CheckpointError(f"{source} does not fit {type(model).__name__} (closest key layout: {name}; tried: {tried}): "
+                          f"{_describe(missing, unexpected, wrong)}. Save the state dict of the same architecture "
+                          "built with the dataset's number of classes and channels")
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, source: str = "teacher_pretrained") -> dict[str, Any]:
+    """Initialise ``model`` from a local pretrained weights file (e.g. ImageNet weights of a timm model) before
+    the harness trains it: the classifier is kept freshly initialised when its shape differs (another number
+    of classes), a 3-channel stem conv is summed to 1 channel for grey images (as timm's adapt_input_conv).
+    Every other key must fit. Returns what was adapted."""
+    state = load_state_dict(Path(path))
+    own = model.state_dict()
+    head = model.classifier_prefix() if hasattr(model, "classifier_prefix") else None
+    best = None
+    for name, layout in key_layouts(model, state):
+        layout = dict(layout)
+        adapted = {"layout": name, "reinitialised": [], "summed_channels": []}
+        for key in list(layout):
+            if key not in own or layout[key].shape == own[key].shape:
+                continue
+            if head and key.startswith(head):
+                adapted["reinitialised"].append(key)
+                del layout[key]
+            elif layout[key].dim() == 4 and own[key].dim() == 4 and own[key].shape[1] == 1 \
+                    and layout[key].shape[0] == own[key].shape[0] and layout[key].shape[2:] == own[key].shape[2:]:
+                layout[key] = layout[key].sum(dim=1, keepdim=True)
+                adapted["summed_channels"].append(key)
+        missing, unexpected, wrong = _mismatch(own, layout)
+        missing = [k for k in missing if not (head and k.startswith(head) and any(r.startswith(head) for r in adapted["reinitialised"]))]
+        if not (missing or unexpected or wrong):
+            model.load_state_dict(layout, strict=False)
+            return adapted
+        score = len(missing) + len(unexpected) + len(wrong)
+        if best is None or score < best[0]:
+            best = (score, name, missing, unexpected, wrong)
+    _, name, missing, unexpected, wrong = best
+    raise CheckpointError(f"{source} {str(path)!r} does not fit {type(model).__name__} (closest key layout: {name}): "
+                          f"{_describe(missing, unexpected, wrong)}")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -161,22 +266,30 @@ class Teacher:
 
 def get_teacher(dataset: str, arch: str, data: ImageData, device: torch.device, *, seed: int = 0,
                 recipe: TeacherRecipe | None = None, cache_dir: Path | None = None, checkpoint: str | None = None,
+                pretrained: str | None = None,
                 log: Callable[[int, dict[str, torch.Tensor]], None] = lambda it, losses: None,
                 on_train: Callable[[int], None] | None = None) -> Teacher:
-    """The teacher for (dataset, arch): the user's ``checkpoint``, else cached, else trained now."""
+    """The teacher for (dataset, arch): the user's ``checkpoint`` (trained weights, used as they are), else
+    cached, else trained now with the recipe (from ``pretrained`` weights when given, else from scratch)."""
     info = data.info
     model = create_model(arch, info.num_classes, info.channels, info.image_size)
     evaluate = lambda m: evaluate_accuracy(m, data.test_x, data.test_y, lambda xb: to_float(xb, info))
+    if checkpoint is not None and pretrained is not None:
+        raise CheckpointError("give a teacher_checkpoint (a trained teacher, used as it is) or teacher_pretrained "
+                              "(weights the harness starts training from), not both")
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise CheckpointError(f"teacher_checkpoint {checkpoint!r} does not exist")
-        load_into(model, load_state_dict(path), f"teacher_checkpoint {checkpoint!r}")
+        layout = load_checkpoint_into(model, load_state_dict(path), f"teacher_checkpoint {checkpoint!r}")
         model.to(device).eval()
-        return Teacher(model, arch, evaluate(model), f"checkpoint:{file_hash(str(path))}", {"checkpoint": str(path)})
+        return Teacher(model, arch, evaluate(model), f"checkpoint:{file_hash(str(path))}",
+                       {"checkpoint": str(path), "key_layout": layout})
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise CheckpointError(f"teacher_pretrained {pretrained!r} does not exist")
 
     recipe = recipe or recipe_for(dataset)
-    key = teacher_key(dataset, arch, recipe, seed, fingerprint(data))
+    key = teacher_key(dataset, arch, recipe, seed, fingerprint(data), file_hash(pretrained) if pretrained else "")
     folder = resolve_cache_dir(cache_dir) / "teachers" / key
     if (folder / "meta.json").is_file() and (folder / "model.pt").is_file():
         meta = json.loads((folder / "meta.json").read_text())
@@ -185,7 +298,9 @@ def get_teacher(dataset: str, arch: str, data: ImageData, device: torch.device, 
         return Teacher(model, arch, float(meta["accuracy"]), key, meta)
 
     torch.manual_seed(seed)
-    model = create_model(arch, info.num_classes, info.channels, info.image_size).to(device)
+    model = create_model(arch, info.num_classes, info.channels, info.image_size)
+    adapted = load_pretrained(model, pretrained) if pretrained is not None else None
+    model = model.to(device)
     if on_train is not None:
         on_train(schedule(recipe, 1.0, info.train_size).total)
     started = time.perf_counter()
@@ -196,6 +311,8 @@ def get_teacher(dataset: str, arch: str, data: ImageData, device: torch.device, 
             "val_accuracy": val,
             "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if pretrained is not None:
+        meta.update(pretrained=str(pretrained), pretrained_adapted=adapted)
     _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / "model.pt")
     _atomic_save(meta, folder / "meta.json")
     return Teacher(model, arch, meta["accuracy"], key, meta)

@@ -319,7 +319,7 @@ def test_method_colours_are_stable():
 
 
 def test_cli_report_with_only_some_methods(tmp_path, monkeypatch):
-    """`bench report` on a folder with one method of the fixture; default --out is reports/<results name>."""
+    """`bench report` on a folder with one method of the fixture; default --out is <results>/report."""
     from click.testing import CliRunner
 
     from bench.cli import main
@@ -332,8 +332,8 @@ def test_cli_report_with_only_some_methods(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["report", str(results)])
     assert result.exit_code == 0, result.output
-    out = tmp_path / "reports" / "quickish"
-    assert f"report: {Path('reports') / 'quickish' / 'index.html'}" in result.output
+    out = results / "report"
+    assert f"report: {out / 'index.html'}" in result.output
     page = (out / "index.html").read_text()
     assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts" in page
     assert page.count('src="data:image/png;base64,') == 6 + 2  # 6 plots, anytime vs queries and vs seconds

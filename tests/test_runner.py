@@ -84,9 +84,10 @@ def test_grid_runs_resumes_and_reruns(tmp_path, grid_file, cache_dir):
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    # empty by design here: no failure, no best-on-test protocol, no caps, no derived student, no resume
+    # empty by design here: no failure, no best-on-test protocol, no caps, no derived student, no resume,
+    # no user checkpoint or pretrained weights, no data options
     required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset", "compute_cap", "stopped_by",
-                               "search_seconds", "resumed"}
+                               "search_seconds", "resumed", "teacher_checkpoint", "teacher_pretrained", "data_options"}
     for r in rows:
         assert not [c for c in required if r[c] == ""], r
         assert (out / "cells" / r["cell_id"] / "config.json").is_file()
