@@ -61,6 +61,7 @@ class Criterion:
     prune: Callable[..., tuple[nn.Module, list, dict[str, list[int]], SearchCost]]
     options: tuple[str, ...] = ("",)  # the accepted option texts
     module: str = ""  # where it is implemented (its source is part of the cache key)
+    seeded: bool = False  # draws randomness from StudentContext.seed (then part of the cache key)
 
 
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
@@ -256,12 +257,14 @@ def safe_name(spec: str) -> str:
 
 
 def cache_folder(ctx: StudentContext, spec: str) -> Path:
-    """``<cache>/students/<teacher key>/<spec>-<hash of the code that builds it>``."""
+    """``<cache>/students/<teacher key>/<spec>[-seed<seed>]-<hash of the code that builds it>`` (the seed for
+    criteria that draw randomness)."""
     from bench.provenance import modules_hash
 
-    criterion = parse_args(spec.partition(":")[2])[0]
-    code = modules_hash((__name__, CRITERIA.get(criterion).module))
-    return Path(ctx.cache_dir) / "students" / safe_name(ctx.teacher_key) / f"{safe_name(spec)}-{code}"
+    entry = CRITERIA.get(parse_args(spec.partition(":")[2])[0])
+    code = modules_hash((__name__, entry.module))
+    seed = f"-seed{ctx.seed}" if entry.seeded else ""  # a user's checkpoint teacher has one key for every seed
+    return Path(ctx.cache_dir) / "students" / safe_name(ctx.teacher_key) / f"{safe_name(spec)}{seed}-{code}"
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -170,7 +170,9 @@ def test_evolved_student_removes_exactly_the_requested_filters_is_cached_and_rep
     monkeypatch.setattr(evo, "SETTINGS", SMALL)
     same_seed = build_student("pruned:evo:0.5", _context(teacher, digits, tmp_path / "b")).lineage
     assert same_seed.kept_channels == lineage.kept_channels  # reproducible from the seed
-    other_seed = build_student("pruned:evo:0.5", _context(teacher, digits, tmp_path / "c", seed=1)).lineage
+    other_ctx = _context(teacher, digits, tmp_path / "a", seed=1)  # same cache: the seed is part of the key
+    assert cache_folder(other_ctx, "pruned:evo:0.5") != cache_folder(ctx, "pruned:evo:0.5")
+    other_seed = build_student("pruned:evo:0.5", other_ctx).lineage
     assert other_seed.kept_channels != lineage.kept_channels
 
 
@@ -184,3 +186,12 @@ def test_synthetic_search_reads_no_real_image(teacher, digits, tmp_path, monkeyp
     assert built.lineage.cost.real_samples == 0
     assert built.lineage.cost.teacher_queries == n * SMALL.synth_steps + n + 8 * n + 6 * 7 * n + n
     assert count_params(built.model) == 15_738
+
+
+def test_l1_individual_is_the_l1_students_mask():
+    teacher = make_teacher("lenet5", 1)
+    segs = evo.segments(teacher, 0.5, example(1))
+    mask = evo.l1_individual(teacher, segs)
+    _, lineage = build_pruned(teacher, "pruned:l1:0.5", example(1))
+    for s in segs:
+        assert [c for c in range(s.channels) if mask[s.offset + c]] == list(lineage.kept_channels[s.name]), s.name
