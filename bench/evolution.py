@@ -1,4 +1,4 @@
-"""Students pruned by an evolutionary search: ``pruned:evo:<ratio>[:synthetic][:<error>]``.
+"""Students pruned by an evolutionary search: ``pruned:evo:<ratio>[:synthetic][:<error>][:<setting>=<int>]``.
 
 "Towards Evolutionary Compression", Wang, Xu, Xu, Xu, Tao, KDD 2018 (arXiv 1707.08005): every individual of
 a population is a binary mask over the teacher's convolution filters, evolved by genetic operations; the
@@ -86,15 +86,15 @@ class EvoSettings:
     synth_tv: float = 0.05  # weight of the mean squared neighbour difference (smoothness prior)
 
     def validate(self) -> None:
-        if self.population < 2 or self.generations < 0 or self.n_images < 1 or self.eval_images < 1:
-            raise ValueError(f"EvoSettings: population >= 2, generations >= 0, n_images >= 1, eval_images >= 1; "
-                             f"got {self}")
+        for name, least in (("population", 2), ("generations", 0), ("n_images", 1), ("eval_images", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"evolutionary search: {name} must be >= {least}, got {getattr(self, name)}")
         if self.fitness not in ERRORS or self.init not in ("random", "l1"):
-            raise ValueError(f"EvoSettings: fitness {self.fitness!r} (valid: {', '.join(ERRORS)}), init {self.init!r} "
+            raise ValueError(f"evolutionary search: fitness {self.fitness!r} (valid: {', '.join(ERRORS)}), init {self.init!r} "
                              f"(valid: random, l1)")
         total = self.p_selection + self.p_crossover + self.p_mutation
         if min(self.p_selection, self.p_crossover, self.p_mutation) < 0 or abs(total - 1) > 1e-9:
-            raise ValueError(f"EvoSettings: the event probabilities must be >= 0 and sum to 1, got "
+            raise ValueError(f"evolutionary search: the event probabilities must be >= 0 and sum to 1, got "
                              f"{self.p_selection}, {self.p_crossover}, {self.p_mutation}")
 
 
@@ -402,24 +402,36 @@ def _check_equivalent(model: nn.Module, teacher: nn.Module, segs: list[Segment],
     return masked.queries
 
 
-def parse_option(option: str) -> tuple[bool, str | None]:
-    """``""`` -> (real images, default fitness); ``"synthetic:logit_mse"`` -> (synthetic, "logit_mse")."""
-    parts = option.split(":") if option else []
-    synthetic = bool(parts) and parts[0] == "synthetic"
-    rest = parts[1:] if synthetic else parts
-    return synthetic, (rest[0] if rest else None)
+TUNABLE = ("population", "generations", "n_images", "synth_steps")  # settings a spec may override (integers)
 
 
-OPTIONS = tuple(":".join(p for p in (images, fitness) if p) for images in ("", "synthetic") for fitness in ("", *ERRORS))
+def parse_option(option: str) -> tuple[bool, dict]:
+    """The text after the ratio: ``:``-separated parts, each ``synthetic``, an error name (:data:`ERRORS`) or
+    ``<setting>=<int>`` for a setting in :data:`TUNABLE`; returns (synthetic, settings overrides).
+    ``"synthetic:generations=5"`` -> ``(True, {"generations": 5})``. Bad parts raise ValueError."""
+    synthetic, overrides = False, {}
+    valid = f"synthetic, {', '.join(ERRORS)}, or <setting>=<int> with setting one of {', '.join(TUNABLE)}"
+    for part in option.split(":") if option else []:
+        key, eq, value = part.partition("=")
+        if part == "synthetic":
+            synthetic = True
+        elif part in ERRORS:
+            overrides["fitness"] = part
+        elif eq and key in TUNABLE and value.isdigit():
+            overrides[key] = int(value)
+        else:
+            raise ValueError(f"unknown option {part!r}; each option after the ratio is {valid} "
+                             f"(e.g. pruned:evo:0.5:synthetic:generations=10)")
+    replace(SETTINGS, **overrides).validate()
+    return synthetic, overrides
 
 
 def _prune_evo(teacher, ratio, example, spec, ctx: StudentContext | None, option):
     settings = SETTINGS  # read at call time (tests shrink it)
     if ctx is None:
         raise PruningError(f"{spec}: the evolutionary search needs a StudentContext (its seed and fitness images)")
-    synthetic, fitness = parse_option(option)
-    if fitness is not None:
-        settings = replace(settings, fitness=fitness)
+    synthetic, overrides = parse_option(option)
+    settings = replace(settings, **overrides)
     started = time.perf_counter()
     device = example.device
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -451,4 +463,8 @@ def _write_search_log(ctx: StudentContext, spec: str, settings: EvoSettings, his
     _atomic_write(cache_folder(ctx, spec) / "search.json", lambda p: Path(p).write_text(json.dumps(record, indent=1)))
 
 
-CRITERIA.register("evo")(Criterion(_prune_evo, options=OPTIONS, module=__name__, seeded=True))
+def _check_option(option: str) -> None:
+    parse_option(option)
+
+
+CRITERIA.register("evo")(Criterion(_prune_evo, check_option=_check_option, module=__name__, seeded=True))

@@ -60,6 +60,8 @@ class Criterion:
 
     prune: Callable[..., tuple[nn.Module, list, dict[str, list[int]], SearchCost]]
     options: tuple[str, ...] = ("",)  # the accepted option texts
+    # or a check of an open option grammar: raises ValueError naming the bad part and the valid forms
+    check_option: Callable[[str], None] | None = None
     module: str = ""  # where it is implemented (its source is part of the cache key)
     seeded: bool = False  # draws randomness from StudentContext.seed (then part of the cache key)
 
@@ -88,9 +90,14 @@ def parse_args(args: str) -> tuple[str, float, str]:
                          f"give the fraction of channels to remove, 0 < ratio < 1 (e.g. pruned:{criterion}:0.5)") from None
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"pruned student {'pruned:' + args!r}: ratio {ratio} must lie strictly between 0 and 1")
-    options = CRITERIA.get(criterion).options
-    if option not in options:
-        shown = [f"pruned:{criterion}:{ratio_text}" + (f":{o}" if o else "") for o in options]
+    entry = CRITERIA.get(criterion)
+    if entry.check_option is not None:
+        try:
+            entry.check_option(option)
+        except ValueError as exc:
+            raise ValueError(f"pruned student {'pruned:' + args!r}: {exc}") from None
+    elif option not in entry.options:
+        shown = [f"pruned:{criterion}:{ratio_text}" + (f":{o}" if o else "") for o in entry.options]
         raise ValueError(f"pruned student {'pruned:' + args!r}: unknown option {option!r}; valid: {', '.join(shown)}")
     return criterion, ratio, option
 

@@ -110,6 +110,13 @@ def test_specs_and_settings_are_validated():
     with pytest.raises(ConfigError) as err:
         check_spec("pruned:evo:0.5:bogus", "grid.yaml: pairs[0].student")
     assert "'bogus'" in str(err.value) and "pruned:evo:0.5:synthetic" in str(err.value)
+    assert evo.parse_option("synthetic:logit_mse:generations=5:n_images=64") == \
+        (True, {"fitness": "logit_mse", "generations": 5, "n_images": 64})
+    assert evo.parse_option("") == (False, {})
+    for bad, word in [("pruned:evo:0.5:population=1", "population must be >= 2, got 1"),
+                      ("pruned:evo:0.5:generations=x", "'generations=x'"), ("pruned:evo:0.5:eps=1", "'eps=1'")]:
+        with pytest.raises(ConfigError, match=word):
+            check_spec(bad)
     with pytest.raises(ValueError, match="sum to 1"):
         replace(evo.SETTINGS, p_mutation=0.5).validate()
     with pytest.raises(ValueError, match="fitness 'mae'"):
@@ -124,25 +131,25 @@ def _context(teacher, data, cache_dir: Path, seed: int = 0, real: bool = True) -
                           cache_dir=cache_dir, device=CPU, real_images=real_images if real else None, seed=seed)
 
 
-SMALL = replace(evo.SETTINGS, population=8, generations=6, n_images=64, synth_steps=5)
+SMALL = "population=8:generations=6:n_images=64"  # a short search, written in the spec
 
 
 @pytest.mark.slow  # trains the digits teacher unless the session cache has it
 def test_evolved_student_removes_exactly_the_requested_filters_is_cached_and_reproducible(teacher, digits, tmp_path,
                                                                                         monkeypatch):
-    monkeypatch.setattr(evo, "SETTINGS", SMALL)
+    spec = f"pruned:evo:0.5:{SMALL}"
     ctx = _context(teacher, digits, tmp_path / "a")
-    built = build_student("pruned:evo:0.5", ctx)
+    built = build_student(spec, ctx)
     model, lineage = built.model, built.lineage
     assert [model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels, model.fc1.out_features,
             model.fc2.out_features] == [3, 8, 60, 42, 10]
     assert count_params(model) == 15_738  # = pruned:l1:0.5 = lenet5_half
     assert lineage.kept_channels["fc2"] == tuple(range(10))
     cost = lineage.cost
-    n, p, g = SMALL.n_images, SMALL.population, SMALL.generations
+    n, p, g = 64, 8, 6
     assert cost.real_samples == n and cost.seconds > 0
     assert cost.teacher_queries == n + p * n + g * (p - 1) * n + n  # reference, generations (elite kept), the check
-    log = json.loads((cache_folder(ctx, "pruned:evo:0.5") / "search.json").read_text())
+    log = json.loads((cache_folder(ctx, spec) / "search.json").read_text())
     assert log["settings"]["population"] == p and len(log["best_fitness"]) == g + 1
     assert all(b >= a for a, b in zip(log["best_fitness"], log["best_fitness"][1:]))  # elitism: never worse
     assert log["cost"]["teacher_queries"] == cost.teacher_queries
@@ -162,29 +169,27 @@ def test_evolved_student_removes_exactly_the_requested_filters_is_cached_and_rep
         raise AssertionError("the second build must load the cached student")
 
     monkeypatch.setattr(bench.pruning, "build_pruned", no_search)
-    again = build_student("pruned:evo:0.5", ctx)
+    again = build_student(spec, ctx)
     assert again.lineage == lineage
     with torch.no_grad():
         assert torch.equal(again.model.eval()(x), model(x))
     monkeypatch.undo()
-    monkeypatch.setattr(evo, "SETTINGS", SMALL)
-    same_seed = build_student("pruned:evo:0.5", _context(teacher, digits, tmp_path / "b")).lineage
+    same_seed = build_student(spec, _context(teacher, digits, tmp_path / "b")).lineage
     assert same_seed.kept_channels == lineage.kept_channels  # reproducible from the seed
     other_ctx = _context(teacher, digits, tmp_path / "a", seed=1)  # same cache: the seed is part of the key
-    assert cache_folder(other_ctx, "pruned:evo:0.5") != cache_folder(ctx, "pruned:evo:0.5")
-    other_seed = build_student("pruned:evo:0.5", other_ctx).lineage
+    assert cache_folder(other_ctx, spec) != cache_folder(ctx, spec)
+    other_seed = build_student(spec, other_ctx).lineage
     assert other_seed.kept_channels != lineage.kept_channels
 
 
 @pytest.mark.slow
-def test_synthetic_search_reads_no_real_image(teacher, digits, tmp_path, monkeypatch):
-    monkeypatch.setattr(evo, "SETTINGS", SMALL)
+def test_synthetic_search_reads_no_real_image(teacher, digits, tmp_path):
     with pytest.raises(bench.pruning.PruningError, match="pruned:evo:0.5:synthetic"):
-        build_student("pruned:evo:0.5", _context(teacher, digits, tmp_path, real=False))
-    built = build_student("pruned:evo:0.5:synthetic", _context(teacher, digits, tmp_path, real=False))
-    n = SMALL.n_images
+        build_student(f"pruned:evo:0.5:{SMALL}", _context(teacher, digits, tmp_path, real=False))
+    built = build_student(f"pruned:evo:0.5:synthetic:{SMALL}:synth_steps=20", _context(teacher, digits, tmp_path, real=False))
+    n = 64
     assert built.lineage.cost.real_samples == 0
-    assert built.lineage.cost.teacher_queries == n * SMALL.synth_steps + n + 8 * n + 6 * 7 * n + n
+    assert built.lineage.cost.teacher_queries == n * 20 + n + 8 * n + 6 * 7 * n + n
     assert count_params(built.model) == 15_738
 
 
