@@ -92,7 +92,7 @@ def test_config_and_declared_access():
     assert method.data_access is DataAccess.FULL and method.teacher_access is TeacherAccess.FEATURES
     _, cfg = method.resolve_config("fashion_mnist")
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs) == ("adam", 1e-3, 256, 10)  # kd's MNIST preset
-    assert (cfg.neighbours, cfg.sigma, cfg.lp_weight, cfg.ce_weight, cfg.kd_weight) == (5, 0.0, 1.0, 1.0, 0.0)
+    assert (cfg.neighbours, cfg.sigma, cfg.lp_weight, cfg.ce_weight, cfg.kd_weight) == (5, 0.0, 0.1, 1.0, 0.0)
     assert cfg.scale_invariant
     for bad, word in [({"neighbours": 0}, "neighbours"), ({"lp_weight": -1}, "lp_weight"), ({"batch_size": 1}, "batch_size")]:
         with pytest.raises(ConfigError, match=word):
