@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import bench.evolution as evo
 import bench.pruning
@@ -18,7 +17,7 @@ from bench.metrics import count_params
 from bench.pruning import build_pruned, cache_folder, prune_channels
 from bench.students import StudentContext, build_student, check_spec
 from bench.transforms import to_float
-from tests.test_pruning import _info, example, make_teacher
+from tests.test_pruning import example, make_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

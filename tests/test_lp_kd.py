@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.config import ConfigError
-from bench.metrics import evaluate_accuracy
 from bench.method import DataAccess, TeacherAccess, get_method
+from bench.metrics import evaluate_accuracy
 from bench.models import create_model
 from bench.transforms import to_float
 from methods.losses import locality_preserving_loss, locality_weights, squared_distances
