@@ -9,6 +9,10 @@ Built in (all for 1- or 3-channel input; 32x32 is the reference size):
 
 - ``lenet5``, ``lenet5_half``: LeNet-5 and its half-width student as in the official DAFL code
   (Chen et al., ICCV 2019, arXiv 1904.01186, Table 1). Need 32x32 input (DAFL resizes MNIST to 32).
+- ``lenet5_quarter``, ``lenet5_double``, ``lenet5_triple``: the harness's LeNet-5 at x1/4 (rounded up), x2 and
+  x3 widths, rungs of the CPU grids' student ladder (accuracy against latency across student sizes; at
+  batch 1 on one CPU thread a LeNet's latency is mostly a fixed ~0.22 ms of per-layer overhead, so the
+  ladder needs x3 widths to span 2x in latency).
 - ``resnet18``, ``resnet34``: the CIFAR ResNets of the DAFL code (He et al., CVPR 2016, with a 3x3
   stem and no max-pool).
 - ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko & Komodakis,
@@ -146,6 +150,8 @@ class LeNet5(Classifier):
     conv5(C->c1) ReLU maxpool2, conv5(c1->c2) ReLU maxpool2, conv5(c2->c3) ReLU -> feature (c3-d),
     head: FC c3->h ReLU FC h->classes. ``lenet5``: (6, 16, 120, 84), 61,706 params with C=1 and 10
     classes (~62K, DAFL Table 1); ``lenet5_half``: (3, 8, 60, 42), 15,738 params (~16K). 32x32 input.
+    The harness's ladder adds ``lenet5_quarter`` (2, 4, 30, 21), ``lenet5_double`` (12, 32, 240, 168) and
+    ``lenet5_triple`` (18, 48, 360, 252).
     ``batch_norm``: a BatchNorm2d after each conv, before its ReLU (``lenet5_bn``: the harness's BN
     teacher for the methods that match BatchNorm statistics, which BN-free LeNet-5 cannot serve).
     """
@@ -197,6 +203,27 @@ def lenet5(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
 def lenet5_half(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
     _require_size("lenet5_half", image_size, exactly=32)
     return LeNet5(num_classes, in_channels, (3, 8, 60, 42))
+
+
+@register_model("lenet5_quarter")
+def lenet5_quarter(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
+    """LeNet-5 at a quarter of its widths, (2, 4, 30, 21): 4,157 params with C=1 and 10 classes (harness ladder)."""
+    _require_size("lenet5_quarter", image_size, exactly=32)
+    return LeNet5(num_classes, in_channels, (2, 4, 30, 21))
+
+
+@register_model("lenet5_double")
+def lenet5_double(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
+    """LeNet-5 at twice its widths, (12, 32, 240, 168): 244,362 params with C=1 and 10 classes (harness ladder)."""
+    _require_size("lenet5_double", image_size, exactly=32)
+    return LeNet5(num_classes, in_channels, tuple(2 * w for w in LENET5_WIDTHS))
+
+
+@register_model("lenet5_triple")
+def lenet5_triple(num_classes: int, in_channels: int, image_size: int) -> LeNet5:
+    """LeNet-5 at three times its widths, (18, 48, 360, 252): 547,978 params with C=1 and 10 classes (harness ladder)."""
+    _require_size("lenet5_triple", image_size, exactly=32)
+    return LeNet5(num_classes, in_channels, tuple(3 * w for w in LENET5_WIDTHS))
 
 
 @register_model("lenet5_bn")

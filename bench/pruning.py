@@ -60,7 +60,10 @@ class Criterion:
 
     prune: Callable[..., tuple[nn.Module, list, dict[str, list[int]], SearchCost]]
     options: tuple[str, ...] = ("",)  # the accepted option texts
+    # or a check of an open option grammar: raises ValueError naming the bad part and the valid forms
+    check_option: Callable[[str], None] | None = None
     module: str = ""  # where it is implemented (its source is part of the cache key)
+    seeded: bool = False  # draws randomness from StudentContext.seed (then part of the cache key)
 
 
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
@@ -87,9 +90,14 @@ def parse_args(args: str) -> tuple[str, float, str]:
                          f"give the fraction of channels to remove, 0 < ratio < 1 (e.g. pruned:{criterion}:0.5)") from None
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"pruned student {'pruned:' + args!r}: ratio {ratio} must lie strictly between 0 and 1")
-    options = CRITERIA.get(criterion).options
-    if option not in options:
-        shown = [f"pruned:{criterion}:{ratio_text}" + (f":{o}" if o else "") for o in options]
+    entry = CRITERIA.get(criterion)
+    if entry.check_option is not None:
+        try:
+            entry.check_option(option)
+        except ValueError as exc:
+            raise ValueError(f"pruned student {'pruned:' + args!r}: {exc}") from None
+    elif option not in entry.options:
+        shown = [f"pruned:{criterion}:{ratio_text}" + (f":{o}" if o else "") for o in entry.options]
         raise ValueError(f"pruned student {'pruned:' + args!r}: unknown option {option!r}; valid: {', '.join(shown)}")
     return criterion, ratio, option
 
@@ -256,12 +264,14 @@ def safe_name(spec: str) -> str:
 
 
 def cache_folder(ctx: StudentContext, spec: str) -> Path:
-    """``<cache>/students/<teacher key>/<spec>-<hash of the code that builds it>``."""
+    """``<cache>/students/<teacher key>/<spec>[-seed<seed>]-<hash of the code that builds it>`` (the seed for
+    criteria that draw randomness)."""
     from bench.provenance import modules_hash
 
-    criterion = parse_args(spec.partition(":")[2])[0]
-    code = modules_hash((__name__, CRITERIA.get(criterion).module))
-    return Path(ctx.cache_dir) / "students" / safe_name(ctx.teacher_key) / f"{safe_name(spec)}-{code}"
+    entry = CRITERIA.get(parse_args(spec.partition(":")[2])[0])
+    code = modules_hash((__name__, entry.module))
+    seed = f"-seed{ctx.seed}" if entry.seeded else ""  # a user's checkpoint teacher has one key for every seed
+    return Path(ctx.cache_dir) / "students" / safe_name(ctx.teacher_key) / f"{safe_name(spec)}{seed}-{code}"
 
 
 def _atomic_write(path: Path, write) -> None:

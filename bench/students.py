@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import bench.pruning  # noqa: F401  (registers the derived student kind "pruned")
+import bench.evolution  # noqa: F401  (registers the pruning criterion "evo")
 from bench.config import ConfigError
 from bench.data import DatasetInfo
 from bench.lineage import STUDENT_KINDS, Lineage, StudentContext

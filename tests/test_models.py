@@ -12,7 +12,7 @@ from bench.models import Classifier, create_model, features_and_logits, list_mod
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-BUILTIN = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+BUILTIN = ["lenet5", "lenet5_half", "lenet5_quarter", "lenet5_double", "lenet5_triple", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
            "vgg11", "vgg13", "vgg16", "vgg11_bn", "vgg13_bn", "vgg16_bn"]
 
 
@@ -59,6 +59,23 @@ def test_lenet5_half_params_and_macs_match_dafl():
                 + 60 * 42 + 42 * 10)
     assert expected == 133_740
     assert count_flops(model, (1, 32, 32))[1] == expected
+
+
+@pytest.mark.parametrize("name, widths", [("lenet5_quarter", (2, 4, 30, 21)), ("lenet5_double", (12, 32, 240, 168)),
+                                          ("lenet5_triple", (18, 48, 360, 252))])
+def test_lenet5_ladder_widths_params_and_macs(name, widths):
+    """The harness's student ladder: LeNet-5 at a quarter (rounded up), twice and three times its widths."""
+    c1, c2, c3, h = widths
+    model = create_model(name, 10, 1, 32)
+    assert (model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels, model.fc1.out_features) == widths
+    assert model.feature_dim == c3
+    params = (25 * c1 + c1) + (25 * c1 * c2 + c2) + (25 * c2 * c3 + c3) + (c3 * h + h) + (h * 10 + 10)
+    assert count_params(model) == params
+    macs = _conv_macs(1, c1, 5, 28) + _conv_macs(c1, c2, 5, 10) + _conv_macs(c2, c3, 5, 1) + c3 * h + h * 10
+    assert count_flops(model, (1, 32, 32))[1] == macs
+    ladder = ("lenet5_quarter", "lenet5_half", "lenet5", "lenet5_double", "lenet5_triple")
+    sizes = [count_params(create_model(n, 10, 1, 32)) for n in ladder]
+    assert sizes == sorted(sizes) and sizes[0] == 4_157 and sizes[3] == 244_362 and sizes[-1] == 547_978
 
 
 def test_lenet5_layers_walkable_and_hooks_see_preactivation():
