@@ -23,10 +23,10 @@ import yaml
 from bench.config import ConfigError, from_mapping, to_dict
 from bench.data import DataOptions, DatasetMissingError, check_dataset_name, data_options, fingerprint, task_data
 from bench.method import get_method, load_plugin
-from bench.models import MODELS
+from bench.models import MODELS, architecture_code
 from bench.monitor import Budget
 from bench.provenance import file_hash, harness_hash, method_source_hash
-from bench.students import check_spec
+from bench.students import check_spec, student_code
 from bench.teachers import recipe_for, teacher_code_hash
 
 
@@ -171,7 +171,9 @@ class Provenance:
         return {"data": self.data(cell.dataset, cell.validation, cell.data_options),
                 "teacher_checkpoint": self.checkpoint(cell.teacher_checkpoint),
                 "teacher_pretrained": self.checkpoint(cell.teacher_pretrained),
-                "teacher_code": teacher_code_hash() if cell.teacher_checkpoint is None else "",
+                "teacher_code": teacher_code_hash(cell.teacher) if cell.teacher_checkpoint is None
+                else architecture_code(cell.teacher),
+                "student_code": student_code(cell.student),
                 "method_code": method_source_hash(get_method(cell.method)), "harness_code": harness_hash(),
                 "device": self.device}
 

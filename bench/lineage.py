@@ -82,18 +82,19 @@ class StudentBuilder(Protocol):
 class StudentKind:
     build: StudentBuilder
     validate: Callable[[str], None] | None = None  # raises ValueError for bad args, before any work
-    # the code whose output a cached student is: part of its cache key
-    modules: tuple[str, ...] = ()
+    # args -> the modules whose code builds such a student (part of the identity of the cells that use it)
+    code: Callable[[str], tuple[str, ...]] | None = None
 
 
 STUDENT_KINDS: Registry[StudentKind] = Registry("derived student kind")
 
 
-def register_student_kind(kind: str, validate: Callable[[str], None] | None = None, modules: tuple[str, ...] = ()):
+def register_student_kind(kind: str, validate: Callable[[str], None] | None = None,
+                          code: Callable[[str], tuple[str, ...]] | None = None):
     """Decorator registering a builder for students written ``<kind>:<args>``."""
 
     def decorator(fn: StudentBuilder) -> StudentBuilder:
-        STUDENT_KINDS.register(kind, prefix="<args>")(StudentKind(fn, validate, modules))
+        STUDENT_KINDS.register(kind, prefix="<args>")(StudentKind(fn, validate, code))
         return fn
 
     return decorator

@@ -619,3 +619,26 @@ def _checked(name: str, model: Classifier, in_channels: int, image_size: int) ->
         raise ValueError(f"{name}: feature shape {tuple(features.shape)} is not (1, {model.feature_dim}); "
                          f"this architecture cannot be wrapped as a Classifier")
     return model
+
+
+def architecture_code(name: str) -> str:
+    """A hash of the code that builds model ``name``: its registered builder and every class of this module
+    it instantiates (the zoo's other models are not part of it, so adding a model re-trains no cached
+    teacher and re-runs no cell). ``timm:``/``torchvision:`` models: the wrapper's code and the library's version."""
+    import importlib.metadata
+
+    from bench.provenance import objects_hash
+
+    builder, rest = MODELS.resolve(name)
+    if rest is None:
+        with torch.random.fork_rng():
+            model = builder(10, 3, 32)  # every zoo model builds at 32 px; the classes, not the sizes, matter here
+        classes = sorted({type(m) for m in model.modules() if type(m).__module__ == __name__}, key=lambda c: c.__name__)
+        return objects_hash([builder, *classes])
+    library = name.partition(":")[0]
+    try:
+        version = importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    wrapper = TimmClassifier if library == "timm" else TorchvisionClassifier
+    return f"{objects_hash([builder, wrapper, _checked])}-{library}{version}"

@@ -22,10 +22,11 @@ import textwrap
 from pathlib import Path
 
 # Harness code that every cell's numbers run through: the context and its step loop, the training
-# loop, batch transforms, the model zoo, accuracy and FLOPs, and the cell's Provision/Measure stages.
-# (Teachers and derived students are covered by their cache keys: bench.teachers, bench.pruning.)
-HARNESS_MODULES = ("bench.method", "bench.monitor", "bench.training", "bench.transforms", "bench.models",
-                   "bench.metrics", "bench.provision")
+# loop, batch transforms, accuracy and FLOPs, and the cell's Provision/Measure stages. (The models a cell
+# uses are covered by their own code, bench.models.architecture_code; teachers and derived students by
+# their cache keys and bench.students.student_code.)
+HARNESS_MODULES = ("bench.method", "bench.monitor", "bench.training", "bench.transforms", "bench.metrics",
+                   "bench.provision")
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

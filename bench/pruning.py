@@ -321,7 +321,12 @@ def build_pruned(teacher: nn.Module, spec: str, example: torch.Tensor, teacher_k
     return _finish(model, example), lineage
 
 
-@register_student_kind("pruned", validate=validate)
+def code_modules(args: str) -> tuple[str, ...]:
+    """The modules whose code builds ``pruned:<args>``: this one and the criterion's."""
+    return (__name__, CRITERIA.get(parse_args(args)[0]).module)
+
+
+@register_student_kind("pruned", validate=validate, code=code_modules)
 def pruned_student(args: str, ctx: StudentContext) -> tuple[nn.Module, Lineage]:
     """Builder for ``pruned:<criterion>:<ratio>``: from the cache, else pruned now and cached."""
     spec = f"pruned:{args}"

@@ -22,7 +22,8 @@ import bench.evolution  # noqa: F401  (registers the pruning criterion "evo")
 from bench.config import ConfigError
 from bench.data import DatasetInfo
 from bench.lineage import STUDENT_KINDS, Lineage, StudentContext
-from bench.models import MODELS, create_model
+from bench.models import MODELS, architecture_code, create_model
+from bench.provenance import modules_hash
 
 __all__ = ["Student", "StudentContext", "build_student", "check_compatible", "check_spec", "is_derived", "rebuild_student"]
 
@@ -65,6 +66,15 @@ def check_spec(spec: str, where: str = "student") -> None:
         return
     raise ConfigError(f"{where}: unknown student {spec!r}; valid: "
                       f"{', '.join(MODELS.names(open_forms=True) + STUDENT_KINDS.names(open_forms=True))}")
+
+
+def student_code(spec: str) -> str:
+    """A hash of the code that builds student ``spec``: a zoo model's architecture code, or a derived kind's
+    modules (for ``pruned:``: the pruning module and the criterion's)."""
+    kind, args = _derived_kind(spec)
+    if kind is None:
+        return architecture_code(spec)
+    return modules_hash(kind.code(args) if kind.code is not None else ())
 
 
 def build_student(spec: str, ctx: StudentContext) -> Student:

@@ -27,19 +27,21 @@ from torch import nn
 from bench.config import from_mapping, to_dict
 from bench.data import ImageData, fingerprint
 from bench.metrics import evaluate_accuracy
-from bench.models import create_model
+from bench.models import architecture_code, create_model
 from bench.provenance import file_hash, modules_hash, objects_hash
 from bench.training import TrainConfig, schedule, train
 from bench.transforms import BatchStream, augment, to_float
 
 
-def teacher_code_hash() -> str:
+def teacher_code_hash(arch: str) -> str:
     """The code a harness-trained teacher is the output of (part of its cache key): the training loop, the
-    batch transforms and the model zoo. (Checkpoint loading and caching code is not: it changes no weights.)"""
+    batch transforms and its architecture's code. (Checkpoint loading and caching code is not: it changes no
+    weights; nor are the zoo's other models.)"""
     import bench.training as training
 
-    return modules_hash(("bench.transforms", "bench.models")) + objects_hash(
-        (train_teacher, TeacherRecipe, training.TrainConfig, training.schedule, training.train, training.make_optimizer))
+    return modules_hash(("bench.transforms",)) + objects_hash(
+        (train_teacher, TeacherRecipe, training.TrainConfig, training.schedule, training.train,
+         training.make_optimizer)) + architecture_code(arch)
 
 
 @dataclass
@@ -78,7 +80,7 @@ def recipe_for(dataset: str, overrides: Mapping[str, Any] | None = None, where: 
 def teacher_key(dataset: str, arch: str, recipe: TeacherRecipe, seed: int, data_fingerprint: str = "",
                 pretrained_hash: str = "") -> str:
     identity = {"dataset": dataset, "arch": arch, "recipe": to_dict(recipe), "seed": seed,
-                "data": data_fingerprint, "code": teacher_code_hash()}
+                "data": data_fingerprint, "code": teacher_code_hash(arch)}
     if pretrained_hash:  # only then: the keys of teachers trained from scratch stay as they were
         identity["pretrained"] = pretrained_hash
     blob = json.dumps(identity, sort_keys=True)
