@@ -69,7 +69,11 @@ def _common_paths(fn):
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs stay quiet).")
 @click.option("--report/--no-report", default=True, show_default=True, help="Render the report when the grid finishes.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: cells one after another in this process; ray: cells as Ray tasks (pip install 'dfkd-bench[ray]').")
+              help="local: cells on this machine (one after another, or --jobs at once); ray: cells as Ray tasks "
+                   "(pip install 'dfkd-bench[ray]').")
+@click.option("--jobs", type=int, default=None,
+              help="Local only: cells run at once, each in its own process with cores // jobs torch threads "
+                   "[default: the grid's `jobs`, else 1].")
 @click.option("--address", default=None,
               help="Ray only: 'auto' or a ray:// address to join a running cluster [default: start a private local instance].")
 @click.option("--num-cpus", type=int, default=None, help="Ray only: CPUs of the private local instance [default: all].")
@@ -91,8 +95,9 @@ def _common_paths(fn):
                    "cost from earlier rows; runs nothing, writes nothing.")
 @_common_paths
 @_fail_cleanly
-def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, executor, address, num_cpus, cpus_per_cell,
-        gpus_per_cell, retries, assignments, seeds, budget_text, only, dry_run, device, data_root, cache_dir):
+def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, executor, jobs, address, num_cpus,
+        cpus_per_cell, gpus_per_cell, retries, assignments, seeds, budget_text, only, dry_run, device, data_root,
+        cache_dir):
     """Run a grid of (dataset x teacher/student pair x method x seed) cells.
 
     Writes one row per cell to OUT/runs.csv as cells finish, and the report to OUT/report/. Re-running the
@@ -106,6 +111,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
       bench run --grid quick --only dafl --seeds 0,1,2 --budget seconds=60
       bench run --grid smoke --set lr=0.01 --set budget.seconds=5 --out results/smoke-lr
       bench run --grid my_grid.yaml --out results/mine --rerun-failed
+      bench run --grid quick --jobs 2                # two cells at once, one thread each (2 cores)
       bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
       bench run --grid full --executor ray --address auto --gpus-per-cell 1   # on a Ray cluster
     """
@@ -128,6 +134,10 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
     if budget_text:
         pairs.append(("budget", overrides.parse_budget(budget_text)))
     grid = overrides.apply(grid, pairs)
+    if jobs is not None:
+        if jobs < 1:
+            raise BenchError(f"--jobs must be >= 1, got {jobs}")
+        grid = dataclasses.replace(grid, jobs=jobs)
     options = RunOptions(out=out or Path("results") / grid.name, device=resolve_device(device), data_root=data_root,
                          cache_dir=cache_dir, force=force, rerun_failed=rerun_failed, progress=not no_progress)
     if dry_run:
@@ -143,6 +153,10 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
         ray_options = RayOptions(address=address, num_cpus=num_cpus, cpus_per_cell=cpus_per_cell,
                                  gpus_per_cell=gpus_per_cell, retries=retries)
         summary = run_grid(grid, options, ray_options, device=device, plugins=list(plugins))
+    elif grid.jobs > 1:
+        from bench.pool import run_pool
+
+        summary = run_pool(grid, options, grid.jobs, plugins=[*plugins, *grid.plugins])
     else:
         summary = Runner(options).run(grid)
     rows = list(ResultsStore(options.out).rows.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,10 @@ class Grid:
     # 0: none, a paper's full-train protocol: no validation accuracy, no anytime curve)
     validation: int | None = None
     checkpoint_every: float = 300.0  # seconds between in-cell checkpoints (0: never); not part of the identity
+    # cells run at once on this machine by the local executor (`bench run --jobs`), and the torch threads of
+    # each (default: this machine's cores // jobs; part of a cell's identity: its numbers depend on it)
+    jobs: int = 1
+    threads: int | None = None
     description: str = ""
 
     def validate(self) -> None:
@@ -87,6 +92,13 @@ class Grid:
             raise ConfigError(f"checkpoint_every must be >= 0 seconds (0: never), got {self.checkpoint_every}")
         if self.latency_threads < 1:
             raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"jobs and threads must be >= 1, got jobs={self.jobs}, threads={self.threads}")
+
+    @property
+    def cell_threads(self) -> int:
+        """Torch threads per cell: ``threads``, else this machine's cores shared among the ``jobs``."""
+        return self.threads or max(1, (os.cpu_count() or 1) // self.jobs)
         unknown = sorted(set(self.dataset_options) - set(self.datasets))
         if unknown:
             raise ConfigError(f"dataset_options: {unknown} not in the grid's datasets; valid: {', '.join(self.datasets)}")
@@ -126,6 +138,7 @@ class Cell:
     validation: int | None
     data_options: dict[str, Any]  # DataOptions that are set (image_size, augment, mean, std)
     checkpoint_every: float
+    threads: int  # torch intra-op threads the cell runs with
     provenance: dict[str, str]  # content hashes (data, checkpoint, code) and the device type, from Provenance
     cell_id: str
 
@@ -216,8 +229,11 @@ def load_grid(name_or_path: str) -> Grid:
     if isinstance(pairs, list):
         raw["pairs"] = [_parse_pair(p) if isinstance(p, str) else p for p in pairs]
     grid = from_mapping(Grid, raw, str(path))
+    # plugin files are named relative to the grid file; keep absolute paths, so other processes can import them
+    grid.plugins = [str((path.parent / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute() else p
+                    for p in grid.plugins]
     for plugin in grid.plugins:
-        load_plugin(str((path.parent / plugin) if plugin.endswith(".py") and not Path(plugin).is_absolute() else plugin))
+        load_plugin(plugin)
     expand(grid, where=str(path))  # validates every name and hyperparameter now, before any work
     return grid
 
@@ -279,7 +295,8 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
                                 preset=preset, params=to_dict(config), seed=seed, budget=to_dict(budget),
                                 amp=entry.amp if entry.amp is not None else grid.amp,
                                 latency_threads=grid.latency_threads, validation=grid.validation,
-                                data_options=options, checkpoint_every=grid.checkpoint_every, provenance={}, cell_id="")
+                                data_options=options, checkpoint_every=grid.checkpoint_every,
+                                threads=grid.cell_threads, provenance={}, cell_id="")
                     if provenance is not None:
                         cell = dataclasses.replace(cell, provenance=provenance.for_cell(cell))
                     blob = json.dumps(cell.identity(), sort_keys=True)

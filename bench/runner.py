@@ -144,7 +144,7 @@ def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
         "teacher_checkpoint": cell.teacher_checkpoint or "", "teacher_pretrained": cell.teacher_pretrained or "",
         "data_options": json.dumps(cell.data_options, sort_keys=True) if cell.data_options else "",
         "device": str(device), "cpu": cpu_name(), "torch": torch.__version__, "git_commit": commit,
-        "git_dirty": "" if dirty is None else dirty, "latency_threads": cell.latency_threads,
+        "git_dirty": "" if dirty is None else dirty, "latency_threads": cell.latency_threads, "threads": cell.threads,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "method_params": json.dumps(cell.params, sort_keys=True),
     }
 
@@ -241,6 +241,8 @@ class Runner:
         (cell_dir / "error.txt").unlink(missing_ok=True)
         row = base_row(cell, opts.device)
         token = None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cell.threads)
         try:
             method_cls = get_method(cell.method)
             data = self.cell_data(cell)
@@ -299,6 +301,7 @@ class Runner:
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             provision.discard_checkpoint(cell_dir)
         finally:
+            torch.set_num_threads(threads)
             if token is not None:
                 provision.unseal(token)
         row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -28,7 +28,7 @@ COLUMNS = [
     "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_queries",
     "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
     "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",
-    "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
+    "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "threads", "throughput",
     "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",
     "git_commit", "git_dirty", "started", "finished", "method_params",
     *RECORD_ONLY,
