@@ -164,6 +164,8 @@ class CMISynthesis(Synthesis):
         self.flip = cfg.flip == "on" or (cfg.flip == "auto" and "flip" in info.augment)
         self.feature_dim = sum(layer.num_features for layer in self.bn_stats.layers)
         self.generator = DataFreeGenerator(cfg.latent_dim, cfg.gen_width, info.image_size, info.channels).to(device)
+        if cfg.channels_last:
+            self.generator = self.generator.to(memory_format=torch.channels_last)
         self.head = MLPHead(self.feature_dim, cfg.head_dim).to(device)
         self.opt_head = torch.optim.Adam(self.head.parameters(), lr=cfg.lr_g)
         self.bank = MemoryBank(cfg.bank_size, 2 * self.feature_dim, device)

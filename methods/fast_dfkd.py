@@ -53,7 +53,7 @@ from methods.image_pool import ImagePool
 from methods.image_priors import normalise, random_crop, random_flip_each
 from methods.losses import decision_adversarial_loss
 from methods.pool_kd import (InversionMethod, PoolKDConfig, Synthesis, add_batch, best_so_far, distill_on_pool,
-                             frozen_student)
+                             frozen_student, teacher_channels_last)
 
 STATS = ("loss_bn", "loss_oh", "loss_adv", "loss_g")
 
@@ -162,6 +162,8 @@ class FastDFKDSynthesis(Synthesis):
         self.bn_stats = BNStatistics(teacher.module, momentum=cfg.bn_mmt, method=method)
         self.flip = cfg.flip == "on" or (cfg.flip == "auto" and "flip" in info.augment)
         self.generator = DataFreeGenerator(cfg.latent_dim, cfg.gen_width, info.image_size, info.channels).to(device)
+        if cfg.channels_last:
+            self.generator = self.generator.to(memory_format=torch.channels_last)
         self.meta_opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g * cfg.g_steps, betas=(0.5, 0.999))
         self.count = torch.zeros((), dtype=torch.long)  # batches synthesised so far (on the CPU: read for reset_l0)
         ctx.track(generator=self.generator, meta_opt=self.meta_opt, bn_stats=self.bn_stats, synth_count=self.count)
@@ -203,20 +205,24 @@ class FastDFKD(InversionMethod):
         return FastDFKDSynthesis(teacher, student, ctx, self.config, self.name)
 
     def distill(self, teacher, student, ctx):
+        with teacher_channels_last(teacher, self.config.channels_last):
+            synthesis = self.synthesis(teacher, student, ctx)
+            try:
+                return self._distill(synthesis, teacher, student, ctx)
+            finally:
+                synthesis.close()
+
+    def _distill(self, synthesis: FastDFKDSynthesis, teacher, student, ctx):
         cfg = self.config
-        synthesis = self.synthesis(teacher, student, ctx)
         pool = ImagePool(cfg.pool_capacity or None, device=ctx.device)
         ctx.track(pool=pool)
-        try:
-            # warm-up: batches into the pool, no KD, no adversarial term (a phase that does not train the student)
-            stats = torch.zeros(len(STATS), device=ctx.device)
-            classes = torch.full((cfg.synth_batch,), -1, dtype=torch.long, device=ctx.device)
-            synthesis.adversarial = False
-            for step in ctx.steps(ctx.scaled(cfg.warmup) if cfg.warmup else 0, f"{self.name} warm-up",
-                                  student=False, log_every=1):
-                add_batch(pool, synthesis, stats, classes, STATS)
-                ctx.log(step, **dict(zip(STATS, stats.unbind(0))))
-            synthesis.adversarial = True
-            return distill_on_pool(ctx, teacher, student, cfg, synthesis, name=self.name, pool=pool, title=self.title)
-        finally:
-            synthesis.close()
+        # warm-up: batches into the pool, no KD, no adversarial term (a phase that does not train the student)
+        stats = torch.zeros(len(STATS), device=ctx.device)
+        classes = torch.full((cfg.synth_batch,), -1, dtype=torch.long, device=ctx.device)
+        synthesis.adversarial = False
+        for step in ctx.steps(ctx.scaled(cfg.warmup) if cfg.warmup else 0, f"{self.name} warm-up", student=False,
+                              log_every=1):
+            add_batch(pool, synthesis, stats, classes, STATS)
+            ctx.log(step, **dict(zip(STATS, stats.unbind(0))))
+        synthesis.adversarial = True
+        return distill_on_pool(ctx, teacher, student, cfg, synthesis, name=self.name, pool=pool, title=self.title)

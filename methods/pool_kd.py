@@ -70,7 +70,10 @@ class PoolKDConfig(TrainConfig):
     kd_steps: int = 400  # student steps per synthesised batch (DataFree: --kd_steps 400)
     synth_batch: int = 256  # images per synthesised batch (DataFree: synthesis batch = --batch_size 256)
     pool_capacity: int = 0  # images kept in the pool (0: all, as DataFree); oldest replaced beyond it
-    channels_last: bool = False  # teacher input and student in channels_last (measured per method)
+    # teacher, student and generators in channels_last while the method runs (the teacher's layout is restored
+    # after). Faster on CPU too (oneDNN), measured at batch 128, 1 thread, on a loaded 2-core machine: KD step
+    # 71 -> 62 ms, DeepInversion step 129 -> 104 ms, Fast-DFKD batch (width 8, 5 steps) 2.4 -> 1.25 s.
+    channels_last: bool = True
     samples: int = 64  # images of the last synthesised batch saved to samples.png (0: none)
     log_every: int = 50  # training-curve points (each one syncs with the device)
 
@@ -182,6 +185,20 @@ def save_samples(pool: ImagePool, classes: torch.Tensor, n: int, ctx, title: str
 
 
 @contextlib.contextmanager
+def teacher_channels_last(teacher, active: bool = True):
+    """The teacher's weights in channels_last while the method runs, its contiguous layout restored afterwards
+    (the teacher object is the harness's, shared by the cells of a run; the values never change)."""
+    if not active:
+        yield
+        return
+    teacher.module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        teacher.module.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def frozen_student(student: nn.Module, active: bool = True):
     """The student in eval mode with frozen parameters while synthesis uses it (the official codes'
     ``student.eval()``; no gradient is accumulated into its parameters); train mode again afterwards."""
@@ -216,9 +233,10 @@ class InversionMethod(Method):
         raise NotImplementedError
 
     def distill(self, teacher, student, ctx):
-        synthesis = self.synthesis(teacher, student, ctx)
-        try:
-            return distill_on_pool(ctx, teacher, student, self.config, synthesis, name=self.name,
-                                   title=self.title or self.name)
-        finally:
-            synthesis.close()
+        with teacher_channels_last(teacher, self.config.channels_last):
+            synthesis = self.synthesis(teacher, student, ctx)
+            try:
+                return distill_on_pool(ctx, teacher, student, self.config, synthesis, name=self.name,
+                                       title=self.title or self.name)
+            finally:
+                synthesis.close()

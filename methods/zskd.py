@@ -9,9 +9,10 @@ official code vcl-iisc/ZSKD (TensorFlow: ``di_generation/dirichmat.py``,
 2. Soft targets for class k: y ~ Dir(beta * C_k + 1e-4) (the official code adds 1e-4 so that the
    concentration stays positive where C is 0).
 3. Data impressions: pixels start uniform in [0, 1] and are optimised with Adam (lr 1e-3, 1500
-   iterations, batch 100, all of one class) on CE(y, softmax(T(x) / 20)); after every step the batch is
-   min-max rescaled to [0, 1] (the official ``noise_image_clip``). The teacher sees the pixels
-   normalised with the dataset's mean/std. No BatchNorm is needed: ZSKD works on BN-free teachers.
+   iterations, batch 100; the official batches hold one class each, see below) on CE(y, softmax(T(x) / 20));
+   after every step the batch is min-max rescaled to [0, 1] (the official ``noise_image_clip``). The
+   teacher sees the pixels normalised with the dataset's mean/std. No BatchNorm is needed: ZSKD works on
+   BN-free teachers.
 4. Student: ``T^2 * CE(softmax(z_s / 20), softmax(z_t / 20))`` on the impressions (the official loss; here
    as ``kd_loss`` = T^2 KL, which differs by the teacher's entropy, a constant: the same gradients),
    Adam 1e-3, batch 64, the teacher queried on every KD batch (the official code re-queries it on its
@@ -24,12 +25,14 @@ always passes scale 1, so in effect both halves use beta = 1 (and a row-wise, no
 with the paper's matrix-wise normalisation; ``cifar10_official`` sets ``betas = [1.0]`` and
 ``row_normalise = true`` (what the official code does).
 
-Structure (deviation): the official code makes all impressions first (40,000 for CIFAR-10: 2 betas x 10
+Structure (deviations): the official code makes all impressions first (40,000 for CIFAR-10: 2 betas x 10
 classes x 2,000) and then trains the student for 500 epochs at batch 64 (312,500 steps). Here the
 impressions are interleaved with KD as the other inversion methods (methods/pool_kd.py): a batch of
-``synth_batch`` impressions of one class every ``kd_steps`` student steps, classes cycling, then the
-betas: the ``cifar10`` preset's ``kd_steps = 781`` spreads the same 400 batches over the same
-312,500 steps; the student trains on the growing pool. The official student training also uses heavy
+``synth_batch`` impressions every ``kd_steps`` student steps, the batches alternating through ``betas``;
+the ``cifar10`` preset's ``kd_steps = 781`` spreads the same 400 batches over the same 312,500 steps, and
+the student trains on the growing pool. The official batches hold one class each; here row i of every
+batch is for class i mod K, so that a run cut short by a budget still covers every class (the
+impressions are optimised independently, up to the batch-wide min-max rescale that couples them). The official student training also uses heavy
 augmentation (scaling, translation, rotation, flips, noise); here the dataset's own augmentation.
 ``mnist``: the harness's CPU settings (not the paper's), chosen on Fashion-MNIST -> lenet5_half by
 validation accuracy under the quick grid's 45 s cap.
@@ -48,7 +51,7 @@ from bench.method import register
 from methods.image_priors import normalise
 from methods.pool_kd import InversionMethod, PoolKDConfig, Synthesis
 
-STATS = ("loss_di", "beta", "class_k")
+STATS = ("loss_di", "beta")
 
 
 @dataclass
@@ -154,22 +157,23 @@ class ZSKDSynthesis(Synthesis):
         ctx.track(zskd_count=self.count)
         self.queries = cfg.synth_batch * cfg.g_steps
 
-    def targets(self) -> tuple[torch.Tensor, int, float]:
-        """The next batch's Dirichlet soft targets, its class k and its beta (classes cycle, then the betas)."""
+    def targets(self) -> tuple[torch.Tensor, float]:
+        """The next batch's Dirichlet soft targets (row i for class i mod K) and its beta (batches cycle the betas)."""
         cfg, num_classes = self.cfg, self.ctx.info.num_classes
         b = int(self.count)
         self.count.add_(1)
-        k, beta = b % num_classes, cfg.betas[(b // num_classes) % len(cfg.betas)]
-        concentration = dirichlet_concentration(self.similarity, k, beta, cfg.row_normalise)
-        return torch.distributions.Dirichlet(concentration).sample((cfg.synth_batch,)), k, beta
+        beta = cfg.betas[b % len(cfg.betas)]
+        classes = torch.arange(cfg.synth_batch, device=self.similarity.device) % num_classes
+        concentration = torch.stack([dirichlet_concentration(self.similarity, k, beta, cfg.row_normalise)
+                                     for k in range(num_classes)])[classes]
+        return torch.distributions.Dirichlet(concentration).sample(), beta
 
     def __call__(self):
         ctx, device = self.ctx, self.ctx.device
-        soft_targets, k, beta = self.targets()
+        soft_targets, beta = self.targets()
         images, t_logits, loss = make_impressions(self.teacher, soft_targets, ctx.input_shape, self.cfg,
                                                   mean=ctx.info.mean, std=ctx.info.std, autocast=ctx.autocast)
-        return images, t_logits, {"loss_di": loss, "beta": torch.tensor(float(beta), device=device),
-                                  "class_k": torch.tensor(float(k), device=device)}
+        return images, t_logits, {"loss_di": loss, "beta": torch.tensor(float(beta), device=device)}
 
 
 @register("zskd")

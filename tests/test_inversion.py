@@ -168,8 +168,8 @@ def test_contrastive_loss_positives_are_the_matching_views():
     shuffled = contrastive_loss(feats, feats[[1, 0, 3, 2]], torch.zeros(0, 8), _Normalise(), t)
     assert shuffled.item() > loss.item() + 1.0  # mismatched global views: the positives are wrong
     # cached rows: (local, global) pairs from the bank, their own mean added to the current batch's
-    cached = torch.cat([torch.eye(6)[4:, :4].new_zeros(2, 4) + torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]]),
-                        torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])], dim=1)
+    past = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])
+    cached = torch.cat([past, past], dim=1)  # (local, global) of two past images
     with_bank = contrastive_loss(feats, feats, cached, _Normalise(), t)
     proj_l = F.normalize(torch.cat([feats, cached[:, :4]]), dim=1)
     proj_g = F.normalize(torch.cat([feats, cached[:, 4:]]), dim=1)
@@ -190,7 +190,7 @@ def test_memory_bank_ring_buffer_and_state():
     assert torch.equal(copy.data, bank.data) and (copy.filled, copy.ptr) == (4, 2)
 
 
-def test_cmi_generator_reinitialisation_is_dataFree_s():
+def test_cmi_generator_reinitialisation_follows_datafree():
     torch.manual_seed(0)
     g = DataFreeGenerator(16, 4, 32, 1)
     reinitialise(g)
@@ -262,6 +262,25 @@ def test_zskd_class_similarity_and_dirichlet_concentration_come_from_the_teacher
     conc = dirichlet_concentration(c, 1, 1.0)
     samples = torch.distributions.Dirichlet(conc).sample((20000,))
     assert torch.allclose(samples.mean(0), conc / conc.sum(), atol=0.01)
+
+
+def test_zskd_batches_cover_every_class_and_alternate_the_betas(teacher, digits, tmp_path):
+    method = _method("zskd", synth_batch=12, betas=[1.0, 0.1])
+    synthesis = method.synthesis(CountingTeacher(teacher.model), None, method_ctx(method, digits, tmp_path))
+    similarity = class_similarity(final_layer_weights(teacher.model, 10))
+    assert torch.allclose(synthesis.similarity, similarity)
+    torch.manual_seed(0)
+    first, beta1 = synthesis.targets()
+    second, beta2 = synthesis.targets()
+    assert (beta1, beta2) == (1.0, 0.1) and first.shape == (12, 10)
+    assert torch.allclose(first.sum(1), torch.ones(12))
+    # row i is drawn for class i mod 10: with beta 1 its own class has the largest concentration (1 + 1e-4),
+    # so it is the most likely argmax; over many draws each row's mean is concentration / its sum
+    torch.manual_seed(1)
+    draws = torch.stack([synthesis.targets()[0] for _ in range(400)])[0::2]  # the beta-1 batches
+    for i in (0, 3, 11):
+        conc = dirichlet_concentration(similarity, i % 10, 1.0)
+        assert torch.allclose(draws[:, i].mean(0), conc / conc.sum(), atol=0.03)
 
 
 def test_zskd_needs_a_final_linear_layer():
