@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.method import register
-from methods.deepinversion import CPU_SETTINGS, DATAFREE_SYNTHESIS, PRESET_FOR_DATASET, DeepInversion, DeepInversionConfig
+from methods.deepinversion import (CPU_SETTINGS, DATAFREE_SYNTHESIS, PRESET_FOR_DATASET, DeepInversion,
+                                   DeepInversionConfig)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class CMIConfig(PoolKDConfig):
     n_neg: int = 4096  # datafree_kd.py: n_neg=4096 negatives per step
     crop_pad: int = 4  # global view: RandomCrop(padding=4) at 32 px
     local_scale_min: float = 0.25  # local view: RandomResizedCrop(scale=[0.25, 1.0])
-    flip: Literal["auto", "on", "off"] = "auto"  # view flips: on | off | auto (where the dataset's augmentation flips; CIFAR: on)
+    flip: Literal["auto", "on", "off"] = "auto"  # view flips; auto: where the dataset's augmentation flips (CIFAR)
 
     def validate(self) -> None:
         super().validate()
@@ -90,8 +90,8 @@ class CMIConfig(PoolKDConfig):
             raise ConfigError(f"flip must be one of on, off, auto; got {self.flip!r}")
 
 
-CPU_SETTINGS = dict(synth_batch=128, g_steps=20, lr_g=1e-2, gen_width=32, bank_size=4096, n_neg=1024, kd_steps=10,
-                    batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="constant")
+CPU_SETTINGS = dict(synth_batch=128, g_steps=50, lr_g=1e-2, latent_dim=64, gen_width=8, bank_size=4096, n_neg=1024,
+                    kd_steps=50, batch_size=128, optimizer="adam", lr=3e-3, weight_decay=0.0, lr_schedule="constant")
 PRESETS = {"cifar10": dict(), "mnist": dict(CPU_SETTINGS)}
 PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mnist", "mnist_5k": "mnist",
                       "mnist_t10k": "mnist", "cifar10": "cifar10", "cifar100": "cifar10", "svhn": "cifar10"}

@@ -99,8 +99,8 @@ class DeepInversionConfig(PoolKDConfig):
 DATAFREE_SYNTHESIS = dict(g_steps=1000, lr_g=0.1, beta1=0.5, beta2=0.99, bn=10.0, oh=1.0, tv=1e-3, tv_norm="l1",
                           l2=0.0, jitter=4, flip="on", labels="random", clip=True)
 # The harness's CPU settings for 28/32-px grey datasets (not the paper's): see the module docstring.
-CPU_SETTINGS = dict(synth_batch=128, g_steps=40, lr_g=0.1, beta1=0.5, beta2=0.99, tv=1e-3, tv_norm="l1",
-                    jitter=2, flip="auto", labels="random", clip=True, kd_steps=10, batch_size=128,
+CPU_SETTINGS = dict(synth_batch=64, g_steps=40, lr_g=0.1, beta1=0.5, beta2=0.99, bn=1.0, tv=1e-3, tv_norm="l1",
+                    jitter=2, flip="auto", labels="random", clip=True, kd_steps=50, batch_size=128,
                     optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="constant", epochs=200,
                     iters_per_epoch=400)
 PRESETS = {
@@ -146,7 +146,7 @@ def invert_batch(teacher, bn_stats: BNStatistics, targets: torch.Tensor, input_s
         loss_bn = bn_stats.loss()
         loss_oh = F.cross_entropy(t_logits, targets)
         loss_tv = total_variation_4(x, cfg.tv_norm)
-        loss_adv = adi_competition_loss(s_logits.float(), t_logits, cfg.adv_temperature) if s_logits is not None else zero
+        loss_adv = zero if s_logits is None else adi_competition_loss(s_logits.float(), t_logits, cfg.adv_temperature)
         loss = cfg.oh * loss_oh + cfg.bn * loss_bn + cfg.tv * loss_tv + cfg.cig_scale * loss_adv
         if cfg.l2:
             loss = loss + cfg.l2 * l2_prior(x, squared=False)

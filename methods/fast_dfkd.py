@@ -78,7 +78,7 @@ class FastDFKDConfig(PoolKDConfig):
     warmup: int = 20  # --warmup 20 synthesised batches without KD (and without the adversarial term)
     reset_l0_at: int = 140  # --reset_l0 1: re-initialise the first layers at synthesis 120 + warmup (0: never)
     crop_pad: int = 4  # RandomCrop(padding=4) at 32 px
-    flip: Literal["auto", "on", "off"] = "auto"  # on | off | auto (where the dataset's augmentation flips; CIFAR: on)
+    flip: Literal["auto", "on", "off"] = "auto"  # auto: where the dataset's augmentation flips (CIFAR: on)
 
     def validate(self) -> None:
         super().validate()
@@ -94,9 +94,9 @@ class FastDFKDConfig(PoolKDConfig):
             raise ConfigError(f"flip must be one of on, off, auto; got {self.flip!r}")
 
 
-CPU_SETTINGS = dict(synth_batch=128, g_steps=5, lr_g=5e-3, lr_z=0.015, gen_width=32, warmup=5, reset_l0_at=0,
-                    kd_steps=5, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="constant",
-                    lr_min=0.0)
+CPU_SETTINGS = dict(synth_batch=128, g_steps=5, lr_g=5e-3, lr_z=0.015, latent_dim=64, gen_width=8, oh=1.0, warmup=5,
+                    reset_l0_at=0, kd_steps=20, batch_size=256, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                    lr_schedule="constant", lr_min=0.0)
 PRESETS = {
     "cifar10": dict(),  # Fast-10, WRN pairs
     "cifar10_resnet": dict(oh=0.5, adv=1.33),
@@ -109,8 +109,8 @@ PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mni
 
 
 def meta_synthesise(generator, meta_opt: torch.optim.Optimizer, teacher, bn_stats: BNStatistics, cfg: FastDFKDConfig,
-                    augment, targets: torch.Tensor, *, student=None, autocast=contextlib.nullcontext, mean=(0.0,), std=(1.0,),
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                    augment, targets: torch.Tensor, *, student=None, autocast=contextlib.nullcontext,
+                    mean=(0.0,), std=(1.0,)) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One Fast-DFKD batch: inner steps on a clone of ``generator``, then the first-order meta step on it.
 
     ``augment(x) -> x'`` (pixels in [0, 1]); ``student`` given: the decision-adversarial term is on. Returns

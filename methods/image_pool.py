@@ -32,7 +32,8 @@ class ImagePool:
 
         Below capacity the pool grows; beyond it the oldest images are replaced (a ring buffer whose
         oldest entry is at ``next``)."""
-        images = images.detach().to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.contiguous_format)
+        images = images.detach().to(device=self.device, dtype=self.dtype)
+        images = images.contiguous(memory_format=torch.contiguous_format)
         if self.images is None:
             self.images = images[:0].clone()
         if self.capacity is None or len(self) + images.shape[0] <= self.capacity:

@@ -32,8 +32,9 @@ impressions are interleaved with KD as the other inversion methods (methods/pool
 the ``cifar10`` preset's ``kd_steps = 781`` spreads the same 400 batches over the same 312,500 steps, and
 the student trains on the growing pool. The official batches hold one class each; here row i of every
 batch is for class i mod K, so that a run cut short by a budget still covers every class (the
-impressions are optimised independently, up to the batch-wide min-max rescale that couples them). The official student training also uses heavy
-augmentation (scaling, translation, rotation, flips, noise); here the dataset's own augmentation.
+impressions are optimised independently, up to the batch-wide min-max rescale that couples them). The
+official student training also uses heavy augmentation (scaling, translation, rotation, flips, noise);
+here the dataset's own augmentation.
 ``mnist``: the harness's CPU settings (not the paper's), chosen on Fashion-MNIST -> lenet5_half by
 validation accuracy under the quick grid's 45 s cap.
 """
@@ -83,8 +84,8 @@ class ZSKDConfig(PoolKDConfig):
             raise ConfigError(f"betas must be a non-empty list of positive scales, got {self.betas!r}")
 
 
-CPU_SETTINGS = dict(synth_batch=128, g_steps=60, lr_g=0.05, kd_steps=10, batch_size=128, epochs=200,
-                    iters_per_epoch=400)
+CPU_SETTINGS = dict(synth_batch=128, g_steps=20, lr_g=0.1, betas=[1.0], kd_steps=20, batch_size=128, lr=3e-3,
+                    epochs=200, iters_per_epoch=400)
 PRESETS = {
     "cifar10": dict(),  # the paper's betas, the official student/impression settings
     "cifar10_official": dict(betas=[1.0], row_normalise=True),

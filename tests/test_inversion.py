@@ -333,6 +333,26 @@ def test_image_pool_replaces_the_oldest_and_returns_the_latest():
     assert unbounded.latest(3).flatten().tolist() == [0.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("name", INVERSION)
+def test_every_preset_resolves_and_the_paper_presets_keep_the_papers_values(name):
+    cls = get_method(name)
+    for preset in cls.presets:
+        cls.resolve_config("cifar10", preset=preset)
+    assert cls.preset_for_dataset["fashion_mnist"] == "mnist" and cls.preset_for_dataset["cifar10"] == "cifar10"
+    _, cifar = cls.resolve_config("cifar10")
+    paper = {  # METHODS.md / the official scripts
+        "deepinversion": dict(synth_batch=256, g_steps=2000, lr_g=0.05, bn=10.0, tv=2.5e-5, l2=0.0, jitter=2),
+        "adi": dict(synth_batch=256, g_steps=2000, kd_steps=50, cig_scale=1.0, adv_temperature=3.0),
+        "cmi": dict(synth_batch=256, g_steps=200, lr_g=1e-3, adv=0.5, bn=1.0, oh=1.0, cr=0.8, cr_T=0.2,
+                    temperature=20.0, lr=0.1, kd_steps=400, epochs=200, bank_size=40960, n_neg=4096, head_dim=256),
+        "fast_dfkd": dict(g_steps=10, lr_g=2e-3, lr_z=0.01, adv=1.1, bn=10.0, oh=0.4, bn_mmt=0.9, warmup=20,
+                          lr=0.2, lr_min=2e-4, epochs=200, iters_per_epoch=400, kd_steps=400, synth_batch=256),
+        "zskd": dict(synth_batch=100, g_steps=1500, lr_g=1e-3, di_temperature=20.0, betas=[1.0, 0.1], lr=1e-3,
+                     batch_size=64, temperature=20.0, epochs=500),
+    }[name]
+    assert {k: getattr(cifar, k) for k in paper} == paper
+
+
 @pytest.mark.parametrize("name, key, value, message", [
     ("deepinversion", "tv_norm", "l3", "tv_norm"), ("deepinversion", "g_steps", 0, "g_steps must be positive"),
     ("cmi", "cr_T", 0.0, "cr_T must be positive"), ("zskd", "betas", [], "betas must be a non-empty list"),
