@@ -37,9 +37,9 @@ lenet5_half, one process with 1 thread on a shared 2-core machine (load 1.5-5: t
 noisy), seeds 0/1; "150k" is a cap of 150,000 teacher queries.
 At 150k: width 8 / 16 65.3 / 61.9 % (seed 0); 2 / 5 / 10 inner steps 63.3 / 65.3 / 67.3 % (seed 0);
 warm-up 20 vs 5: 64.7 / 62.3 vs 68.2 / 67.5 %. At 45 s: oh 0.4 vs 1 (KD batch 256) 65.9 / 66.7 vs
-70.1 / 72.9 %; the preset reaches 71.5 / 73.0 % (59.9 / 62.3 % at 15 s). bf16 autocast (a grid's
-``amp: true``) ran no faster on this AVX512-BF16 CPU at this size (28-30 s per 150k either way) and
-reached 65.1 / 65.1 % against 69.7 / 63.5 %: leave it off.
+70.1 / 72.9 %; "Fast-10" (lr_g 2e-3) 70.8 / 71.8 %; the preset reaches 71.5 / 73.0 % (59.9 / 62.3 % at
+15 s). bf16 autocast (a grid's ``amp: true``) ran no faster on this AVX512-BF16 CPU at this size (28-30 s
+per 150k either way) and reached 65.1 / 65.1 % against 69.7 / 63.5 % (KD batch 256, oh 0.4): leave it off.
 
 Deviations: budget-scaled runs scale the warm-up (``ctx.scaled(warmup)``) and the reset point with
 the same fraction. The official code already switches the adversarial term on in the last warm-up

@@ -7,6 +7,8 @@ every ``kd_steps`` student steps one batch of ``synth_batch`` images is synthesi
 (with the dataset's augmentation), queries the teacher on them and takes one optimiser step on
 ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` (``methods.losses.kd_loss``). The student's optimiser
 follows DataFree (SGD, momentum 0.9, weight decay 1e-4, cosine) unless a method's preset says otherwise.
+Deviation: KD batches are drawn uniformly with replacement from the pool (DataFree reshuffles a data
+loader over the pool after every synthesis).
 
 One student update per ``ctx.steps`` step, so compute caps, anytime curves and in-cell checkpoints work:
 the pool, the optimiser, the scheduler, the last batch's teacher classes and the synthesis statistics

@@ -393,10 +393,15 @@ def test_short_digits_run_improves_the_student(name, bn_teacher, digits, tmp_pat
 @pytest.mark.slow
 def test_deepinversion_counts_every_teacher_query(bn_teacher, digits, tmp_path, one_thread):
     cfg = dict(synth_batch=16, g_steps=4, kd_steps=5, batch_size=8, samples=0)
+    before = {k: v.clone() for k, v in bn_teacher.model.state_dict().items()}
     out = run_distill(_method("deepinversion", **cfg), bn_teacher.model, create_model("lenet5_half", 10, 1, 32),
                       digits, tmp_path, budget=Budget(student_steps=12))
     # 3 batches (steps 1, 6, 11) x 16 images x 4 steps, and 12 KD batches of 8
     assert out.teacher_queries == 3 * 16 * 4 + 12 * 8
+    # the teacher ran in channels_last and is handed back as it came: contiguous, the same values, no hooks left
+    assert all(p.is_contiguous() for p in bn_teacher.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in bn_teacher.model.state_dict().items())
+    assert not any(m._forward_hooks for m in bn_teacher.model.modules())
 
 
 @pytest.mark.slow
