@@ -1,4 +1,8 @@
-"""The DAFL generator (Chen et al., ICCV 2019, arXiv 1904.01186), as a reusable module.
+"""Image generators shared by the data-free methods, and the sample-grid writer.
+
+:class:`DataFreeGenerator` is CMI's and Fast-DFKD's (zju-vipa/DataFree); below, the DAFL generator.
+
+The DAFL generator (Chen et al., ICCV 2019, arXiv 1904.01186), as a reusable module.
 
 Layer for layer the official code's ``Generator`` (DAFL-train.py), with the channel width as an
 argument (``width=128`` is the paper's; the second conv block has ``width // 2`` channels, 64 there):
@@ -65,6 +69,69 @@ class DAFLGenerator(nn.Module):
         out = F.interpolate(out, scale_factor=2, mode="nearest")
         out = self.act(self.bn2(self.conv2(out)))
         return self.bn_out(torch.tanh(self.conv3(out)))
+
+
+class DataFreeGenerator(nn.Module):
+    """The generator of CMI and Fast-DFKD (zju-vipa/DataFree and Fast-Datafree ``models/generator.py``
+    ``Generator``, built there with ``nz=256, ngf=64``): pixels in [0, 1] (normalise before the teacher).
+
+        z (latent_dim) -> Linear -> 2w x s/4 x s/4 -> BatchNorm2d(2w) -> Upsample x2 (nearest)
+        -> Conv3x3 2w->2w (no bias) -> BatchNorm2d(2w) -> LeakyReLU(0.2) -> Upsample x2
+        -> Conv3x3 2w->w (no bias) -> BatchNorm2d(w) -> LeakyReLU(0.2) -> Conv3x3 w->C -> Sigmoid
+
+    Always in train mode (batch statistics), as in the official code, which never calls ``eval()``.
+    """
+
+    def __init__(self, latent_dim: int = 256, width: int = 64, image_size: int = 32, channels: int = 3):
+        super().__init__()
+        if image_size % 4 != 0 or image_size <= 0:
+            raise ValueError(f"DataFreeGenerator: image_size must be a positive multiple of 4, got {image_size}")
+        for name, value in (("latent_dim", latent_dim), ("width", width), ("channels", channels)):
+            if value <= 0:
+                raise ValueError(f"DataFreeGenerator: {name} must be positive, got {value}")
+        self.latent_dim, self.width, self.image_size, self.channels = latent_dim, width, image_size, channels
+        self.init_size = image_size // 4
+        self.l1 = nn.Linear(latent_dim, 2 * width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        self.conv1 = nn.Conv2d(2 * width, 2 * width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * width)
+        self.conv2 = nn.Conv2d(2 * width, width, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, channels, 3, stride=1, padding=1)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def train(self, mode: bool = True) -> "DataFreeGenerator":
+        return super().train(True)  # batch statistics always, as the official code
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z).view(z.shape[0], 2 * self.width, self.init_size, self.init_size)
+        out = F.interpolate(self.bn0(out), scale_factor=2, mode="nearest")
+        out = F.interpolate(self.act(self.bn1(self.conv1(out))), scale_factor=2, mode="nearest")
+        out = self.act(self.bn2(self.conv2(out)))
+        return torch.sigmoid(self.conv3(out))
+
+
+@torch.no_grad()
+def reinitialise(module: nn.Module, *, first_layers_only: bool = False) -> None:
+    """DataFree's generator re-initialisation: conv/linear weights ~ N(0, 0.02) with zero bias, BatchNorm
+    weights ~ N(1, 0.02) with zero bias (CMI's ``reset_model``, before every synthesised batch).
+
+    ``first_layers_only``: Fast-DFKD's ``reset_l0`` instead: the first Linear (``l1``) and the first
+    BatchNorm (``bn0``) weights ~ N(0, 0.02) (the BatchNorm's too: the official code treats both alike),
+    biases 0; draws from torch's global RNG."""
+    if first_layers_only:
+        for layer in (module.l1, module.bn0):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            nn.init.zeros_(layer.bias)
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.ConvTranspose2d, nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
 
 
 def save_image_grid(images: torch.Tensor, path, mean, std, *, titles: list[str] | None = None, ncol: int = 8,

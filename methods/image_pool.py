@@ -28,12 +28,14 @@ class ImagePool:
         return 0 if self.images is None else self.images.shape[0]
 
     def add(self, images: torch.Tensor) -> None:
-        """Add a batch of normalised images (N, C, H, W); detached and stored in the pool's dtype."""
-        images = images.detach().to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.contiguous_format)
+        """Add a batch of normalised images (N, C, H, W); detached and stored in the pool's dtype.
+
+        Below capacity the pool grows; beyond it the oldest images are replaced (a ring buffer whose
+        oldest entry is at ``next``)."""
+        images = images.detach().to(device=self.device, dtype=self.dtype)
+        images = images.contiguous(memory_format=torch.contiguous_format)
         if self.images is None:
-            self.images = images[: self.capacity].clone() if self.capacity else images.clone()
-            self.next = len(self) % self.capacity if self.capacity else 0
-            return
+            self.images = images[:0].clone()
         if self.capacity is None or len(self) + images.shape[0] <= self.capacity:
             self.images = torch.cat([self.images, images])
             return
@@ -41,10 +43,10 @@ class ImagePool:
         if room > 0:
             self.images = torch.cat([self.images, images[:room]])
             images = images[room:]
-        for image in images.split(self.capacity):  # replace the oldest, wrapping around
-            idx = (torch.arange(image.shape[0], device=image.device) + self.next) % self.capacity
-            self.images[idx] = image
-            self.next = int((self.next + image.shape[0]) % self.capacity)
+        images = images[-self.capacity:]  # a batch larger than the pool: only its newest images stay
+        idx = (torch.arange(images.shape[0], device=self.images.device) + self.next) % self.capacity
+        self.images[idx] = images
+        self.next = int((self.next + images.shape[0]) % self.capacity)
 
     def sample(self, n: int, generator: torch.Generator, augmentation: str = "none") -> torch.Tensor:
         """``n`` images drawn uniformly with replacement (float32), with the dataset's ``augmentation``."""
@@ -52,6 +54,16 @@ class ImagePool:
             raise RuntimeError("the image pool is empty: synthesise a batch before sampling from it")
         idx = torch.randint(len(self), (n,), generator=generator).to(self.images.device)
         return augment(self.images[idx].float(), augmentation, generator)
+
+    def latest(self, n: int) -> torch.Tensor:
+        """The ``n`` most recently added images, oldest first (for showing the last synthesised batch)."""
+        if self.images is None:
+            raise RuntimeError("the image pool is empty")
+        n = min(n, len(self))
+        if self.capacity is None or len(self) < self.capacity:
+            return self.images[len(self) - n:]
+        idx = (torch.arange(-n, 0, device=self.images.device) + self.next) % self.capacity
+        return self.images[idx]
 
     def state_dict(self) -> dict:
         return {"images": None if self.images is None else self.images.cpu(), "next": self.next}
