@@ -150,7 +150,8 @@ class DFAD(Method):
         nominal = ctx.scaled(cfg.epochs * cfg.iters_per_epoch) * cfg.kd_steps
         total = ctx.plan_steps(nominal, queries_per_step=b * (cfg.kd_steps + cfg.g_steps) / cfg.kd_steps)
         scale = total / (cfg.epochs * per_epoch)  # budget fraction and caps squeeze the milestones with the run
-        milestones = [max(1, round(m * per_epoch * scale)) for m in cfg.milestones]
+        milestones = [max(1, round(m * per_epoch * scale)) for m in cfg.milestones]  # in student steps
+        milestones_g = [max(1, round(m * cfg.iters_per_epoch * scale)) for m in cfg.milestones]  # in rounds
 
         generator = DAFLGenerator(cfg.latent_dim, info.image_size, info.channels, cfg.gen_width,
                                   bn_eps=cfg.gen_bn_eps).to(device)
@@ -159,7 +160,7 @@ class DFAD(Method):
             student = student.to(memory_format=torch.channels_last)
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
         opt_s = make_optimizer(student.parameters(), cfg)
-        sched_g = make_scheduler(opt_g, "multistep", total, milestones, cfg.lr_decay)
+        sched_g = make_scheduler(opt_g, "multistep", total, milestones_g, cfg.lr_decay)
         sched_s = make_scheduler(opt_s, "multistep", total, milestones, cfg.lr_decay)
         ctx.track(generator=generator, opt_g=opt_g, opt_s=opt_s, sched_g=sched_g, sched_s=sched_s)
 
@@ -172,8 +173,8 @@ class DFAD(Method):
                 for _ in range(cfg.g_steps):
                     z = torch.randn(b, cfg.latent_dim, device=device)
                     loss_g = generator_step(generator, teacher, student, opt_g, z, autocast=ctx.autocast)
+                sched_g.step()  # per round: the official code steps both schedulers per epoch of rounds
             sched_s.step()
-            sched_g.step()
             losses = {"loss_s": loss_s} if loss_g is None else {"loss_s": loss_s, "loss_g": loss_g}
             ctx.log(step, **losses, sample_std=sample_std(x), lr_s=sched_s.get_last_lr()[0])
             if cfg.eval_every and step % cfg.eval_every == 0:
