@@ -10,8 +10,8 @@ Cases: lenet5_bn -> lenet5_half (1x32x32) with each method's ``cpu`` preset (the
 ``mnist`` preset (the paper's MNIST setting), and resnet34 -> resnet18 (3x32x32) with the ``cifar10`` preset.
 
 Run:  python -m pytest benchmarks/test_adversarial_speed.py --benchmark-enable
-The project's addopts has ``--benchmark-disable``: then each case runs a single round at batch <= 32 as a
-plain test (about a second).
+The project's addopts has ``--benchmark-disable``: then each case runs a single round at batch <= 32 and
+generator width <= 32 as a plain test (about a second).
 
 Environment:
   DFKD_BENCH_DEVICE         cpu | cuda (default: cuda when available, else cpu)
@@ -65,67 +65,76 @@ def _sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def _round_fn(method: str, cfg, teacher: CountingTeacher, student, channels: int, autocast):
-    """One round of ``method``'s game, as its distill loop runs it (schedulers and logging aside)."""
-    b, nz = cfg.batch_size, cfg.latent_dim
-    if method == "zskt":
-        generator = ZSKTGenerator(nz, 32, channels, cfg.gen_width)
-    else:
-        generator = DAFLGenerator(nz, 32, channels, cfg.gen_width, bn_eps=cfg.gen_bn_eps)
-    generator = generator.to(DEVICE)
-    if cfg.channels_last and CHANNELS_LAST:
-        generator = generator.to(memory_format=torch.channels_last)
-        student = student.to(memory_format=torch.channels_last)
-    z = lambda: torch.randn(b, nz, device=DEVICE)  # noqa: E731
-    out: dict[str, torch.Tensor] = {}
+def _zskt_round(cfg, generator, teacher, student, autocast, z, out):
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
+    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    layers = attention_layers(teacher.module, cfg.at_layers)
+    t_layers, s_layers = LayerOutputs(teacher.module, layers), LayerOutputs(student, layers)
+    common = dict(temperature=cfg.temperature, reduction=cfg.kl_reduction, grad_clip=cfg.grad_clip, autocast=autocast)
 
-    if method == "zskt":
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
-        opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-        layers = attention_layers(teacher.module, cfg.at_layers)
-        t_layers, s_layers = LayerOutputs(teacher.module, layers), LayerOutputs(student, layers)
-        common = dict(temperature=cfg.temperature, reduction=cfg.kl_reduction, grad_clip=cfg.grad_clip,
-                      autocast=autocast)
+    def round_() -> None:  # ZSKT.distill: g_steps on one z, the round's batch, kd_steps on it
+        zz = z()
+        for _ in range(cfg.g_steps):
+            out["loss_g"] = zskt.generator_step(generator, teacher, student, opt_g, zz, **common)
+        x, t_logits, t_maps = zskt.pseudo_batch(generator, teacher, zz, t_layers, autocast)
+        for _ in range(cfg.kd_steps):
+            out.update(zskt.student_step(student, opt_s, x, t_logits, t_maps, s_layers, at_beta=cfg.at_beta, **common))
+    return round_
 
-        def round_() -> None:
-            zz = z()
-            for _ in range(cfg.g_steps):
-                out["loss_g"] = zskt.generator_step(generator, teacher, student, opt_g, zz, **common)
-            x, t_logits, t_maps = zskt.pseudo_batch(generator, teacher, zz, t_layers, autocast)
-            for _ in range(cfg.kd_steps):
-                out.update(zskt.student_step(student, opt_s, x, t_logits, t_maps, s_layers, at_beta=cfg.at_beta,
-                                             **common))
-        return round_, out
 
+def _dfad_round(cfg, generator, teacher, student, autocast, z, out):
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
     opt_s = make_optimizer(student.parameters(), cfg)
-    if method == "dfad":
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
 
-        def round_() -> None:
-            for _ in range(cfg.kd_steps):
-                out["loss_s"] = dfad.student_step(generator, teacher, student, opt_s, z(), autocast=autocast)[0]
-            for _ in range(cfg.g_steps):
-                out["loss_g"] = dfad.generator_step(generator, teacher, student, opt_g, z(), autocast=autocast)
-        return round_, out
+    def round_() -> None:  # DFAD.distill: kd_steps student steps, then g_steps, each on a fresh z
+        for _ in range(cfg.kd_steps):
+            out["loss_s"] = dfad.student_step(generator, teacher, student, opt_s, z(), autocast=autocast)[0]
+        for _ in range(cfg.g_steps):
+            out["loss_g"] = dfad.generator_step(generator, teacher, student, opt_g, z(), autocast=autocast)
+    return round_
 
+
+def _dfq_round(cfg, generator, teacher, student, autocast, z, out):
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G, betas=(0.5, 0.999))
+    opt_s = make_optimizer(student.parameters(), cfg)
     bn_stats = BNStatistics(teacher.module, method="dfq")
     weights = dict(bn=cfg.bn, oh=cfg.oh, adv=cfg.adv, balance=cfg.balance)
 
-    def round_() -> None:
+    def round_() -> None:  # DFQ.distill: g_steps, then kd_steps student steps, each on a fresh z
         for _ in range(cfg.g_steps):
             out.update(dfq.generator_step(generator, teacher, student, bn_stats, opt_g, z(), **weights,
                                           autocast=autocast))
         for _ in range(cfg.kd_steps):
             out["loss_s"] = dfq.student_step(generator, teacher, student, opt_s, z(), temperature=cfg.temperature,
                                              autocast=autocast)[0]
-    return round_, out
+    return round_
+
+
+# method: (generator class and its keyword arguments from the config, round builder)
+GAMES = {
+    "zskt": (lambda cfg: (ZSKTGenerator, {}), _zskt_round),
+    "dfad": (lambda cfg: (DAFLGenerator, {"bn_eps": cfg.gen_bn_eps}), _dfad_round),
+    "dfq": (lambda cfg: (DAFLGenerator, {"bn_eps": cfg.gen_bn_eps}), _dfq_round),
+}
+
+
+def _round_fn(method: str, cfg, teacher: CountingTeacher, student, channels: int, autocast):
+    """One round of ``method``'s game, as its distill loop runs it (schedulers and logging aside)."""
+    generator_for, build = GAMES[method]
+    cls, kwargs = generator_for(cfg)
+    generator = cls(cfg.latent_dim, 32, channels, cfg.gen_width, **kwargs).to(DEVICE)
+    if cfg.channels_last and CHANNELS_LAST:
+        generator = generator.to(memory_format=torch.channels_last)
+        student = student.to(memory_format=torch.channels_last)
+    out: dict[str, torch.Tensor] = {}
+    z = lambda: torch.randn(cfg.batch_size, cfg.latent_dim, device=DEVICE)  # noqa: E731
+    return build(cfg, generator, teacher, student, autocast, z, out), out
 
 
 def _queries_per_round(method: str, cfg) -> int:
-    if method == "zskt":
-        return (cfg.g_steps + 1) * cfg.batch_size
-    return (cfg.kd_steps + cfg.g_steps) * cfg.batch_size
+    """ZSKT: one teacher forward per generator step and one for the round's kept batch; DFAD, DFQ: one per step."""
+    per_round = {"zskt": cfg.g_steps + 1, "dfad": cfg.kd_steps + cfg.g_steps, "dfq": cfg.kd_steps + cfg.g_steps}
+    return per_round[method] * cfg.batch_size
 
 
 @pytest.mark.parametrize("method, preset, teacher_arch, student_arch, channels", CASES)
@@ -134,8 +143,9 @@ def test_adversarial_student_steps_per_second(benchmark, capsys, method, preset,
         pytest.skip(f"DFKD_BENCH_AMP=1 but {DEVICE} has no native bf16 (a grid's amp would do nothing here)")
     cls = get_method(method)
     _, cfg = cls.resolve_config("fashion_mnist", preset=preset)
-    if benchmark.disabled:  # a plain test run: one round at a small batch checks the code path in about a second
-        _, cfg = cls.resolve_config("fashion_mnist", preset=preset, overrides={"batch_size": min(cfg.batch_size, 32)})
+    if benchmark.disabled:  # a plain test run: one round, small batch and generator: the code path in about a second
+        _, cfg = cls.resolve_config("fashion_mnist", preset=preset, overrides={"batch_size": min(cfg.batch_size, 32),
+                                                                               "gen_width": min(cfg.gen_width, 32)})
     torch.manual_seed(0)
     teacher = CountingTeacher(create_model(teacher_arch, 10, channels, 32).to(DEVICE))
     student = create_model(student_arch, 10, channels, 32).to(DEVICE).train()

@@ -112,7 +112,7 @@ PRESETS = {
     "mnist": dict(_DATAFREE, lr=0.1),  # harness choice: DataFree's CIFAR-10 setting (no MNIST run exists)
     # The harness's CPU settings (not the paper's) for Fashion-MNIST lenet5_bn -> lenet5_half in ~45 s on
     # 2 cores, chosen by validation accuracy (student_acc_val) under step caps: see the issue-15 report.
-    "cpu": dict(_DATAFREE, lr=0.1, batch_size=128, gen_width=64, epochs=5),
+    "cpu": dict(_DATAFREE, lr=0.1, batch_size=128, gen_width=32, epochs=2),
 }
 PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mnist", "mnist_5k": "mnist",
                       "mnist_t10k": "mnist", "cifar10": "cifar10", "svhn": "cifar10", "cifar100": "cifar100"}
