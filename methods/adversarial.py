@@ -11,7 +11,8 @@ functions; this module holds what they share:
   parameters; optional gradient-norm clip), without host synchronisation;
 - :func:`make_scheduler`: the learning-rate schedules the papers use, by name;
 - :class:`BatchCache`: a batch kept across several student steps (ZSKT), checkpointable with ``ctx.track``;
-- :func:`sample_std` (the collapse indicator) and :func:`save_samples` (``samples.png``).
+- :func:`sample_std` and :func:`class_entropy` (collapse indicators: in pixels, in the teacher's classes)
+  and :func:`save_samples` (``samples.png``).
 """
 from __future__ import annotations
 
@@ -119,6 +120,12 @@ def sample_std(x: torch.Tensor) -> torch.Tensor:
     """Per-pixel standard deviation across the batch, averaged over pixels: ~0 when the generator has
     collapsed to one image (the generated images are normalised to ~unit variance per channel otherwise)."""
     return x.detach().float().std(dim=0).mean()
+
+
+def class_entropy(t_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the batch-mean teacher prediction: ln K for a class-balanced batch, ~0 when the
+    teacher sees one class in every generated image (a generator collapsed onto a class)."""
+    return -class_balance_loss(t_logits.detach().float())
 
 
 def save_samples(ctx, x: torch.Tensor, t_logits: torch.Tensor, n: int, method: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, make_optimizer
-from methods.adversarial import logit_l1, make_scheduler, optimizer_step, sample_std, save_samples
+from methods.adversarial import class_entropy, logit_l1, make_scheduler, optimizer_step, sample_std, save_samples
 from methods.generator import DAFLGenerator
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +176,8 @@ class DFAD(Method):
                 sched_g.step()  # per round: the official code steps both schedulers per epoch of rounds
             sched_s.step()
             losses = {"loss_s": loss_s} if loss_g is None else {"loss_s": loss_s, "loss_g": loss_g}
-            ctx.log(step, **losses, sample_std=sample_std(x), lr_s=sched_s.get_last_lr()[0])
+            ctx.log(step, **losses, sample_std=sample_std(x), t_entropy=class_entropy(t_logits),
+                    lr_s=sched_s.get_last_lr()[0])
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ctx.evaluate(student, step)  # validation accuracy; the harness records best-on-test
 

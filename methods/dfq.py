@@ -44,8 +44,8 @@ import torch
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, make_optimizer
-from methods.adversarial import (class_balance_loss, logit_kl, make_scheduler, optimizer_step, sample_std,
-                                 save_samples)
+from methods.adversarial import (class_balance_loss, class_entropy, logit_kl, make_scheduler, optimizer_step,
+                                 sample_std, save_samples)
 from methods.bn_stats import BNStatistics
 from methods.dafl import one_hot_loss
 from methods.generator import DAFLGenerator
@@ -202,7 +202,8 @@ class DFQ(Method):
                 loss_s, x, t_logits = student_step(generator, teacher, student, opt_s, z, temperature=cfg.temperature,
                                                    autocast=ctx.autocast)
                 sched_s.step()
-                ctx.log(step, loss_s=loss_s, **g_losses, sample_std=sample_std(x), lr_s=sched_s.get_last_lr()[0])
+                ctx.log(step, loss_s=loss_s, **g_losses, sample_std=sample_std(x), t_entropy=class_entropy(t_logits),
+                        lr_s=sched_s.get_last_lr()[0])
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     ctx.evaluate(student, step)
         finally:

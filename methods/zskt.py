@@ -48,7 +48,8 @@ import torch
 
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, MethodConfig, TeacherAccess, register
-from methods.adversarial import (BatchCache, logit_kl, make_scheduler, optimizer_step, sample_std, save_samples)
+from methods.adversarial import (BatchCache, class_entropy, logit_kl, make_scheduler, optimizer_step, sample_std,
+                                 save_samples)
 from methods.attention import LayerOutputs, attention_layers, attention_loss
 from methods.generator import ZSKTGenerator
 
@@ -216,7 +217,8 @@ class ZSKT(Method):
                     sched_s.step()
                 if loss_g is not None:
                     losses["loss_g"] = loss_g
-                ctx.log(step, **losses, sample_std=sample_std(batch["x"]), lr_s=sched_s.get_last_lr()[0])
+                ctx.log(step, **losses, sample_std=sample_std(batch["x"]), t_entropy=class_entropy(batch["t_logits"]),
+                        lr_s=sched_s.get_last_lr()[0])
         finally:
             for hooks in (t_layers, s_layers):
                 if hooks is not None:

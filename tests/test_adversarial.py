@@ -15,7 +15,7 @@ from bench.models import create_model
 from bench.monitor import Budget
 from bench.transforms import to_float
 from methods import dfad, dfq, zskt
-from methods.adversarial import BatchCache, class_balance_loss, logit_kl, logit_l1, sample_std
+from methods.adversarial import BatchCache, class_balance_loss, class_entropy, logit_kl, logit_l1, sample_std
 from methods.attention import LayerOutputs, attention_layers, attention_loss, attention_map
 from methods.bn_stats import BNStatistics, NoBatchNormError
 from methods.generator import DAFLGenerator, ZSKTGenerator
@@ -329,6 +329,8 @@ def test_batch_cache_round_trips_through_its_state_dict():
     other.load_state_dict(cache.state_dict())
     assert torch.equal(other["x"], cache["x"]) and all(torch.equal(a, b) for a, b in zip(other["maps"], cache["maps"]))
     assert sample_std(torch.ones(8, 1, 4, 4)).item() == 0.0  # a collapsed batch
+    assert class_entropy(torch.zeros(4, 10)).item() == pytest.approx(math.log(10))  # balanced: ln K
+    assert class_entropy(torch.tensor([[50.0, 0.0, 0.0]] * 4)).item() == pytest.approx(0.0, abs=1e-6)  # one class
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,4 +414,5 @@ def test_short_run_on_digits_improves_the_student_without_real_data(name, digits
     logged = [row for row in curve if "loss_s" in row]
     assert [row["step"] for row in logged] == [100, 200, 300]
     assert all("loss_g" in row and row["sample_std"] > 0.05 for row in logged)  # varied images, not one
+    assert all(0 <= row["t_entropy"] <= math.log(10) + 1e-6 for row in logged)
     assert (tmp_path / "samples.png").stat().st_size > 0
