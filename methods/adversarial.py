@@ -14,12 +14,12 @@ functions; this module holds what they share:
 - :func:`sample_std` and :func:`class_entropy` (collapse indicators: in pixels, in the teacher's classes)
   and :func:`save_samples` (``samples.png``).
 
-Speed (measured for issue 15 on the 2-core AMD EPYC, one thread, lenet5_bn -> lenet5_half, generator width
-32, in student steps per CPU second): channels_last for generator and student is 1.35-1.6x faster than the
-default layout (ZSKT 23.8 vs 17.6, DFAD 12.1 vs 7.4, DFQ 13.3 vs 8.5), so the methods train in it. bf16
-autocast (``ctx.autocast()``, on where a grid sets ``amp: true`` and the CPU has native bf16) is another
-1.4-1.8x, but at equal steps it lost accuracy on Fashion-MNIST (ZSKT 45 vs 53 %, DFQ 62 vs 66 %, DFAD 34 vs
-36 %, one seed), so the proposed grid entries leave it off.
+Speed (benchmarks/test_adversarial_speed.py, the ``cpu`` presets, lenet5_bn -> lenet5_half, on the shared
+2-core AMD EPYC, one thread, student steps per second): channels_last for generator and student against the
+default layout: ZSKT 30.5 vs 25.0, DFAD 25.7 vs 18.5, DFQ 14.8 vs 8.6 (x1.2-1.7), so the methods train in
+it. bf16 autocast (``ctx.autocast()``: on where a grid sets ``amp: true`` and the CPU has native bf16) gives
+another x1.4-1.5 (43.1, 38.7, 21.1), but at equal steps it lost accuracy on Fashion-MNIST (ZSKT 45 vs 53 %,
+DFQ 62 vs 66 %, DFAD 34 vs 36 %, one seed), so the proposed grid entries leave it off.
 """
 from __future__ import annotations
 
