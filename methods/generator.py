@@ -18,6 +18,17 @@ momentum. The final affine-free BatchNorm maps images into the teacher's normali
 The generator always runs in train mode (batch statistics), as in the official code, which never
 calls ``generator.eval()``: :meth:`DAFLGenerator.train` ignores a request for eval mode unless the
 module was built with ``always_train=False``.
+
+Its successors use the same layout with small changes, as keyword arguments here (defaults: DAFL's):
+
+- ``bn_eps``: eps of the two inner BatchNorms (DAFL 0.8; DFAD's ``GeneratorA`` and ZSKT's generator use
+  torch's default 1e-5: VainF/Data-Free-Adversarial-Distillation network/gan.py, polo5/
+  ZeroShotKnowledgeTransfer models/generator.py).
+- ``tanh``: the Tanh before the output BatchNorm (DAFL, DFAD: yes; ZSKT: none).
+- ``out_affine``: an affine output BatchNorm (ZSKT's ``BatchNorm2d(3, affine=True)``; DAFL/DFAD: affine-free).
+
+:class:`ZSKTGenerator` is the ZSKT variant (Micaelli and Storkey, NeurIPS 2019): no Tanh, affine output
+BatchNorm, eps 1e-5.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ class DAFLGenerator(nn.Module):
     """DAFL's image generator: ``forward(z) -> (B, channels, image_size, image_size)``."""
 
     def __init__(self, latent_dim: int = 100, image_size: int = 32, channels: int = 1, width: int = 128,
-                 *, always_train: bool = True):
+                 *, always_train: bool = True, bn_eps: float = 0.8, tanh: bool = True, out_affine: bool = False):
         super().__init__()
         if image_size % 4 != 0 or image_size <= 0:
             raise ValueError(f"DAFLGenerator: image_size must be a positive multiple of 4, got {image_size}")
@@ -39,17 +50,19 @@ class DAFLGenerator(nn.Module):
         for name, value in (("latent_dim", latent_dim), ("channels", channels)):
             if value <= 0:
                 raise ValueError(f"DAFLGenerator: {name} must be positive, got {value}")
+        if not bn_eps > 0:
+            raise ValueError(f"DAFLGenerator: bn_eps must be positive, got {bn_eps}")
         self.latent_dim, self.image_size, self.channels, self.width = latent_dim, image_size, channels, width
-        self.always_train = always_train
+        self.always_train, self.tanh = always_train, tanh
         self.init_size = image_size // 4
         self.l1 = nn.Linear(latent_dim, width * self.init_size**2)
         self.bn0 = nn.BatchNorm2d(width)
         self.conv1 = nn.Conv2d(width, width, 3, stride=1, padding=1)
-        self.bn1 = nn.BatchNorm2d(width, eps=0.8)
+        self.bn1 = nn.BatchNorm2d(width, eps=bn_eps)
         self.conv2 = nn.Conv2d(width, width // 2, 3, stride=1, padding=1)
-        self.bn2 = nn.BatchNorm2d(width // 2, eps=0.8)
+        self.bn2 = nn.BatchNorm2d(width // 2, eps=bn_eps)
         self.conv3 = nn.Conv2d(width // 2, channels, 3, stride=1, padding=1)
-        self.bn_out = nn.BatchNorm2d(channels, affine=False)
+        self.bn_out = nn.BatchNorm2d(channels, affine=out_affine)
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def train(self, mode: bool = True) -> "DAFLGenerator":
@@ -68,7 +81,23 @@ class DAFLGenerator(nn.Module):
         out = self.act(self.bn1(self.conv1(out)))
         out = F.interpolate(out, scale_factor=2, mode="nearest")
         out = self.act(self.bn2(self.conv2(out)))
-        return self.bn_out(torch.tanh(self.conv3(out)))
+        out = self.conv3(out)
+        return self.bn_out(torch.tanh(out) if self.tanh else out)
+
+
+class ZSKTGenerator(DAFLGenerator):
+    """ZSKT's generator (polo5/ZeroShotKnowledgeTransfer, models/generator.py, the 8x8-start version):
+
+        z -> Linear -> width x s/4 x s/4 -> BatchNorm2d(width) -> Up x2 -> Conv3x3 width->width -> BN -> LReLU(0.2)
+        -> Up x2 -> Conv3x3 width->width/2 -> BN -> LReLU(0.2) -> Conv3x3 width/2->C -> BatchNorm2d(C, affine=True)
+
+    No Tanh; BatchNorm eps 1e-5 everywhere; the paper's width is 128 (latent 100). Always in train mode.
+    """
+
+    def __init__(self, latent_dim: int = 100, image_size: int = 32, channels: int = 1, width: int = 128,
+                 *, always_train: bool = True):
+        super().__init__(latent_dim, image_size, channels, width, always_train=always_train, bn_eps=1e-5, tanh=False,
+                         out_affine=True)
 
 
 class DataFreeGenerator(nn.Module):
