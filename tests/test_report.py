@@ -13,7 +13,6 @@ import html
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
