@@ -31,22 +31,13 @@ import torch
 from bench.method import CountingTeacher, get_method, native_bf16
 from bench.models import create_model
 from bench.training import make_optimizer
+from benchmarks.settings import AMP, DEVICE, ON_CUDA, RESNET, env_int
 from methods import dfad, dfq, zskt
 from methods.attention import LayerOutputs, attention_layers
 from methods.bn_stats import BNStatistics
 from methods.generator import DAFLGenerator, ZSKTGenerator
 
-
-def _device() -> torch.device:
-    name = os.environ.get("DFKD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-DEVICE = _device()
-ON_CUDA = DEVICE.type == "cuda"
-AMP = os.environ.get("DFKD_BENCH_AMP") == "1"
-ROUNDS = int(os.environ.get("DFKD_BENCH_ROUNDS") or (20 if ON_CUDA else 5))
-RESNET = ON_CUDA or os.environ.get("DFKD_BENCH_RESNET") == "1"
+ROUNDS = env_int("DFKD_BENCH_ROUNDS", 20 if ON_CUDA else 5)
 CHANNELS_LAST = os.environ.get("DFKD_BENCH_CHANNELS_LAST") != "0"
 _resnet = pytest.mark.skipif(not RESNET, reason="set DFKD_BENCH_RESNET=1 (slow on CPU) or use CUDA")
 

@@ -25,7 +25,6 @@ Environment:
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -33,21 +32,12 @@ import torch
 from bench.method import CountingTeacher, get_method, native_bf16
 from bench.models import create_model
 from bench.training import make_optimizer
+from benchmarks.settings import AMP, DEVICE, ON_CUDA, RESNET, env_int
 from methods.dafl import dafl_step
 from methods.generator import DAFLGenerator
 
-
-def _device() -> torch.device:
-    name = os.environ.get("DFKD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-DEVICE = _device()
-ON_CUDA = DEVICE.type == "cuda"
-AMP = os.environ.get("DFKD_BENCH_AMP") == "1"
-ROUNDS = int(os.environ.get("DFKD_BENCH_ROUNDS") or (20 if ON_CUDA else 5))
-STEPS = int(os.environ.get("DFKD_BENCH_STEPS") or (10 if ON_CUDA else 1))
-RESNET = ON_CUDA or os.environ.get("DFKD_BENCH_RESNET") == "1"
+ROUNDS = env_int("DFKD_BENCH_ROUNDS", 20 if ON_CUDA else 5)
+STEPS = env_int("DFKD_BENCH_STEPS", 10 if ON_CUDA else 1)
 
 CASES = [
     # id, teacher, student, dataset whose preset is used, channels, batch, generator width

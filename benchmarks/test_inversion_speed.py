@@ -18,24 +18,16 @@ Environment:
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from bench.data import DatasetInfo
 from bench.method import CountingTeacher, DataAccess, DistillContext, get_method
 from bench.models import create_model
+from benchmarks.settings import DEVICE, ON_CUDA, env_int
 
-
-def _device() -> torch.device:
-    return torch.device(os.environ.get("DFKD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-DEVICE = _device()
-ON_CUDA = DEVICE.type == "cuda"
-ROUNDS = int(os.environ.get("DFKD_BENCH_ROUNDS") or (10 if ON_CUDA else 3))
-BATCH = int(os.environ.get("DFKD_BENCH_BATCH") or 0)
+ROUNDS = env_int("DFKD_BENCH_ROUNDS", 10 if ON_CUDA else 3)
+BATCH = env_int("DFKD_BENCH_BATCH", 0)
 FASHION = DatasetInfo("fashion_mnist", 10, 1, 32, (0.2860,), (0.3530,), 55000, "none", source="fashion_mnist")
 
 
