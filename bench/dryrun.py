@@ -76,7 +76,8 @@ def student_state(cell: Cell, teacher: str, options: RunOptions) -> str:
         from bench.pruning import cache_folder
 
         key = teacher.split("(", 1)[1].rstrip(")")
-        folder = cache_folder(SimpleNamespace(cache_dir=resolve_cache_dir(options.cache_dir), teacher_key=key), cell.student)
+        folder = cache_folder(SimpleNamespace(cache_dir=resolve_cache_dir(options.cache_dir), teacher_key=key,
+                                              seed=cell.teacher_seed), cell.student)  # as the runner's StudentContext
     except (ImportError, ValueError, KeyError):
         return "derived (cache not inspected)"
     return "cached" if (folder / "arch.json").is_file() else "to derive"

@@ -293,3 +293,22 @@ def test_new_commands_have_help_with_examples():
     for command in ("distill", "reproduce", "export"):
         result = _invoke(command, "--help")
         assert result.exit_code == 0 and "Examples:" in result.output, command
+
+
+def test_dry_run_inspects_a_cached_teachers_seeded_students(tmp_path):
+    """With the teacher cached, the dry run looks up derived students, including seeded (evolutionary) ones."""
+    from bench.dryrun import student_state
+    from bench.grid import expand, load_grid
+    from bench.pruning import cache_folder
+    from bench.runner import RunOptions
+
+    cells = list({c.student: c for c in expand(load_grid("smoke")) if c.student.startswith("pruned:")}.values())
+    assert {c.student.split(":")[1] for c in cells} == {"l1", "evo"}
+    options = RunOptions(out=tmp_path / "out", device=torch.device("cpu"), cache_dir=tmp_path / "cache")
+    for cell in cells:
+        assert student_state(cell, "cached (abc123)", options) == "to derive"
+        ctx = type("Ctx", (), {"cache_dir": tmp_path / "cache", "teacher_key": "abc123", "seed": cell.teacher_seed})
+        folder = cache_folder(ctx, cell.student)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "arch.json").write_text("{}")
+        assert student_state(cell, "cached (abc123)", options) == "cached"
