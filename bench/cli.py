@@ -422,6 +422,9 @@ def distill(dataset, teacher_arch, teacher_checkpoint, teacher_pretrained, stude
     val = f", validation {row['student_acc_val']}%" if row.get("student_acc_val") else ""
     click.echo(f"student accuracy {row['student_acc']}% (test, final){val}; teacher {float(row['teacher_acc']):.2f}%; "
                f"{row['params']} params, {row['distill_seconds']} s, {row['teacher_queries']} teacher queries")
+    if row.get("stopped_by") and str(row.get("student_steps")) == "0":
+        click.echo(f"warning: the {row['stopped_by']} cap ended the cell before the student's first step (the method "
+                   "spent it all on synthesis): the student is its initialisation. Raise the budget.", err=True)
     click.echo(f"student: {cell_dir / 'student.pt'} (architecture: {cell_dir / 'student.json'}); row: {out / 'runs.csv'}")
     click.echo(f"next: bench evaluate {cell_dir} | bench export {cell_dir} --format torchscript")
 
