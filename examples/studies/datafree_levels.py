@@ -1,12 +1,12 @@
 """Validation accuracy of each method at several compute levels, read from the cells' anytime curves.
 
 Under a seconds cap a method keeps its nominal schedule and is stopped where the time runs out, so the
-student at 15 s of a 135 s cell is the student a 15 s cell would end with. For each cell this takes the
+student at 15 s of a 90 s cell is the student a 15 s cell would end with. For each cell this takes the
 last anytime point at or below each level (seconds of method time, or teacher queries with
 ``--unit teacher_queries``), then averages over seeds per method:
 
     bench run --grid examples/studies/datafree_fmnist.yaml
-    python3 examples/studies/datafree_levels.py results/datafree_fmnist --levels 15,45,135
+    python3 examples/studies/datafree_levels.py results/datafree_fmnist --levels 15,45,90
 
 The final test accuracy (the headline) is printed beside it, read from runs.csv, for the last level only.
 """
@@ -28,7 +28,7 @@ def level_accuracy(curve: list[dict], unit: str, level: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--levels", default="15,45,135")
+    parser.add_argument("--levels", default="15,45,90")
     parser.add_argument("--unit", default="seconds", choices=["seconds", "teacher_queries", "student_steps"])
     args = parser.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
