@@ -23,11 +23,12 @@ import yaml
 
 from bench.config import ConfigError, from_mapping, to_dict
 from bench.data import DataOptions, DatasetMissingError, check_dataset_name, data_options, fingerprint, task_data
-from bench.method import get_method, load_plugin
+from bench.method import TeacherAccess, get_method, load_plugin
 from bench.models import MODELS, architecture_code
 from bench.monitor import Budget
 from bench.provenance import file_hash, harness_hash, method_source_hash
 from bench.students import check_spec, student_code
+from bench.teacher_access import OUTPUT_KINDS
 from bench.teachers import recipe_for, teacher_code_hash
 
 
@@ -76,6 +77,8 @@ class Grid:
     # each (default: this machine's cores // jobs; part of a cell's identity: its numbers depend on it)
     jobs: int = 1
     threads: int | None = None
+    # what a teacher behind an API returns to `outputs` methods: "logits" or "probs" (bench.teacher_access)
+    teacher_outputs: str = "logits"
     description: str = ""
 
     def validate(self) -> None:
@@ -92,6 +95,8 @@ class Grid:
             raise ConfigError(f"checkpoint_every must be >= 0 seconds (0: never), got {self.checkpoint_every}")
         if self.latency_threads < 1:
             raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        if self.teacher_outputs not in OUTPUT_KINDS:
+            raise ConfigError(f"teacher_outputs must be one of {', '.join(OUTPUT_KINDS)}, got {self.teacher_outputs!r}")
         if self.jobs < 1 or (self.threads is not None and self.threads < 1):
             raise ConfigError(f"jobs and threads must be >= 1, got jobs={self.jobs}, threads={self.threads}")
 
@@ -136,6 +141,7 @@ class Cell:
     amp: bool
     latency_threads: int
     validation: int | None
+    teacher_outputs: str  # what an `outputs` teacher returns ("logits" | "probs"); "" for other accesses
     data_options: dict[str, Any]  # DataOptions that are set (image_size, augment, mean, std)
     checkpoint_every: float
     threads: int  # torch intra-op threads the cell runs with
@@ -295,6 +301,8 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
                                 preset=preset, params=to_dict(config), seed=seed, budget=to_dict(budget),
                                 amp=entry.amp if entry.amp is not None else grid.amp,
                                 latency_threads=grid.latency_threads, validation=grid.validation,
+                                teacher_outputs=grid.teacher_outputs if method.teacher_access is TeacherAccess.OUTPUTS
+                                else "",
                                 data_options=options, checkpoint_every=grid.checkpoint_every,
                                 threads=grid.cell_threads, provenance={}, cell_id="")
                     if provenance is not None:

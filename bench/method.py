@@ -1,9 +1,11 @@
 """The method interface: what a plugin author learns.
 
 A method is a class with one call, ``distill(teacher, student, ctx) -> student``, registered under a
-name with :func:`register`. It declares what real data it may touch (:class:`DataAccess`) and how it
-uses the teacher (:class:`TeacherAccess`); the :class:`DistillContext` hands it data *only as
-declared*, so a "data-free" number from this harness is data-free by construction.
+name with :func:`register`. It declares what real data it may touch (:class:`DataAccess`) and how much
+of the teacher it uses (:class:`TeacherAccess`); the :class:`DistillContext` hands it data *only as
+declared*, and the teacher it receives is a view that allows *only the declared access*
+(:mod:`bench.teacher_access`: top-1 labels, detached outputs, detached features, or the white-box
+module), so a "data-free" or "black-box" number from this harness is one by construction.
 
     @register("my_kd")
     class MyKD(Method):
@@ -29,6 +31,7 @@ entry-point group.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import importlib
@@ -50,6 +53,7 @@ from bench.data import DATASETS, DatasetInfo, load_images
 from bench.lineage import Lineage
 from bench.monitor import Budget
 from bench.registry import Registry
+from bench.teacher_access import CountingTeacher, TeacherAccess, TeacherAccessError  # re-exported for plugins
 from bench.transforms import BatchStream, augment, to_float
 
 
@@ -64,16 +68,6 @@ class DataAccess(str, enum.Enum):
     @property
     def rank(self) -> int:
         return list(DataAccess).index(self)
-
-
-class TeacherAccess(str, enum.Enum):
-    """How a method uses the teacher (recorded in the results; not enforced)."""
-
-    NONE = "none"  # no teacher (e.g. a student trained on labels)
-    WEIGHTS = "weights"  # starts from the teacher's weights (a student derived from it), queries it for nothing
-    OUTPUTS = "outputs"  # logits only: a black-box teacher behind an API would do
-    FEATURES = "features"  # inner activations
-    GRADIENTS = "gradients"  # back-propagates through the teacher (white box)
 
 
 class DataAccessError(PermissionError):
@@ -223,43 +217,6 @@ def load_plugin(spec: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the teacher as methods see it
-
-
-class CountingTeacher(nn.Module):
-    """The frozen, eval-mode teacher. Every image through it is a teacher query.
-
-    The count (``teacher_queries`` in the results: for a data-free method, queries to the teacher are
-    its real cost) is kept by the harness with a hook on the teacher's input layer, so forwards through
-    ``.module`` (for hooks on inner layers) count as well. ``queries`` reads it.
-    """
-
-    def __init__(self, module: nn.Module, counter: "_monitor.QueryCounter | None" = None):
-        super().__init__()
-        self.module = module.eval().requires_grad_(False)
-        self._counter = counter if counter is not None else _monitor.QueryCounter(module)
-
-    @property
-    def queries(self) -> int:
-        return self._counter.count
-
-    def train(self, mode: bool = True) -> "CountingTeacher":
-        # The teacher stays in eval mode whatever a method calls.
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.forward_features(x)
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate feature and logits from one forward."""
-        features = self.module.forward_features(x)
-        return features, self.module.forward_head(features)
-
-
-# ---------------------------------------------------------------------------------------------
 # the context
 
 
@@ -365,6 +322,20 @@ class DistillContext:
                 yield from mon.steps(total, name, student, max(1, log_every))
         finally:
             self._phase = None
+
+    @contextlib.contextmanager
+    def queries_for(self, purpose: str) -> Iterator[None]:
+        """Tag the teacher queries made inside the block: ``with ctx.queries_for("generator"): ...``. The row's
+        ``teacher_queries_by`` breaks the total down by tag (e.g. DFME's gradient estimate vs its student)."""
+        mon = _monitor.active()
+        if mon is None:
+            yield
+            return
+        before, mon.counter.purpose = mon.counter.purpose, purpose
+        try:
+            yield
+        finally:
+            mon.counter.purpose = before
 
     def track(self, **objects: Any) -> None:
         """Register state that in-cell checkpoints save and restore: modules, optimisers, schedulers, batch

@@ -119,6 +119,8 @@ class QueryCounter:
                  clock: Clock | None = None):
         budget = budget or Budget()
         self.count = 0
+        self.purpose = ""  # what the current queries are for (DistillContext.queries_for); "" = untagged
+        self.by_purpose: dict[str, int] = {}
         self.limit = budget.teacher_queries
         self.seconds = budget.seconds
         self.clock = clock or Clock()
@@ -134,6 +136,12 @@ class QueryCounter:
             if self.seconds is not None and self.clock.elapsed() >= self.seconds:
                 raise ComputeCapReached("seconds")
         self.count += n
+        if self.purpose:
+            self.by_purpose[self.purpose] = self.by_purpose.get(self.purpose, 0) + n
+
+    def breakdown(self) -> str:
+        """``"generator:N student:M"``: the tagged queries by purpose ("" when none was tagged)."""
+        return " ".join(f"{k}:{v}" for k, v in sorted(self.by_purpose.items()))
 
     def close(self) -> None:
         self._handle.remove()
@@ -367,7 +375,7 @@ class Monitor:
         with self.clock.pause():
             curve = self.out_dir / "curve.jsonl"
             state = {"phase": self.phase, "step": step, "student_steps": self.student_steps,
-                     "queries": self.counter.count, "seconds": self.clock.elapsed(), "anytime": list(self.anytime),
+                     "queries": self.counter.count, "queries_by": dict(self.counter.by_purpose), "seconds": self.clock.elapsed(), "anytime": list(self.anytime),
                      "next_threshold": self.next_threshold, "best_test": self.best_test,
                      "curve_bytes": curve.stat().st_size if curve.exists() else 0,
                      "states": {name: _state_of(obj) for name, obj in self.tracked.items()},
@@ -389,6 +397,7 @@ class Monitor:
         assert state is not None
         self.student_steps = int(state["student_steps"])
         self.counter.count = int(state["queries"])
+        self.counter.by_purpose = dict(state.get("queries_by", {}))
         self.clock.offset = float(state["seconds"])
         self.clock.started, self.clock.paused = time.perf_counter(), 0.0
         self.anytime = list(state["anytime"])

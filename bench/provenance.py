@@ -25,7 +25,7 @@ from pathlib import Path
 # loop, batch transforms, accuracy and FLOPs, and the cell's Provision/Measure stages. (The models a cell
 # uses are covered by their own code, bench.models.architecture_code; teachers and derived students by
 # their cache keys and bench.students.student_code.)
-HARNESS_MODULES = ("bench.method", "bench.monitor", "bench.training", "bench.transforms", "bench.metrics",
+HARNESS_MODULES = ("bench.method", "bench.teacher_access", "bench.monitor", "bench.training", "bench.transforms", "bench.metrics",
                    "bench.provision")
 
 

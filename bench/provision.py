@@ -11,7 +11,9 @@
   other modules' globals or in the garbage collector; that is deliberate cheating, not an accident a
   plugin author can make by reading the README.)
 - **Distill** runs the method's one call under a :class:`~bench.monitor.Monitor` (compute, caps,
-  anytime validation, checkpoints).
+  anytime validation, checkpoints), with the teacher as the view of the method's declared teacher
+  access (:mod:`bench.teacher_access`): top-1 labels, detached outputs, detached features, or the
+  white-box module; more is refused with an error naming the declared access.
 - **Measure** scores the student it hands back: final test accuracy (the headline), validation
   accuracy, params, FLOPs/MACs, and saves it (``student.pt`` + ``student.json``). Latency is measured
   later, once per architecture, in quiet (:mod:`bench.latency`).
@@ -34,7 +36,8 @@ from torch import nn
 
 from bench import monitor as monitor_module
 from bench.data import ImageData, few_sample_indices
-from bench.method import CountingTeacher, DataAccess, DistillContext, Method, TeacherAccess
+from bench import teacher_access
+from bench.method import DataAccess, DistillContext, Method, TeacherAccess
 from bench.metrics import count_flops, count_params, evaluate_accuracy, peak_memory_mb, reset_peak_memory
 from bench.monitor import Budget, Clock, ComputeCapReached, Monitor, QueryCounter
 from bench.students import Student
@@ -107,13 +110,17 @@ class Outcome:
     amp_active: bool
     peak_mem_mb: float
     resumed_from: tuple[int, int] | None = None
+    queries_by: str = ""  # the teacher queries by the purpose the method tagged (ctx.queries_for)
 
 
 def distill(method: Method, teacher: nn.Module, student: Student, data: ImageData, *, token: int, seed: int,
             device: torch.device, out_dir: Path, budget: Budget, amp: bool, data_root: Path | None,
             checkpoint_every: float = 0.0, on_log=None, on_phase=None,
-            on_step: Callable[[int], None] | None = None) -> Outcome:
-    """Run the method's one call under a monitor; returns the student it has when it ends or a cap stops it."""
+            on_step: Callable[[int], None] | None = None, teacher_outputs: str = "logits") -> Outcome:
+    """Run the method's one call under a monitor; returns the student it has when it ends or a cap stops it.
+
+    The method receives the teacher as the view of its declared access (:mod:`bench.teacher_access`);
+    ``teacher_outputs`` is what an ``outputs`` teacher returns ("logits" or "probs")."""
     info = data.info
     clock = Clock()
     example = torch.zeros(1, info.channels, info.image_size, info.image_size, device=device)
@@ -127,7 +134,7 @@ def distill(method: Method, teacher: nn.Module, student: Student, data: ImageDat
                   else "teacher_queries",
                   track_best=method.tracks_best, out_dir=out_dir, checkpoint_every=checkpoint_every,
                   on_phase=on_phase, on_step=on_step)
-    counted = CountingTeacher(teacher, counter)
+    counted = teacher_access.teacher_view(method.teacher_access, teacher, counter, teacher_outputs)
     model = student.model
     monitor_module.activate(mon)
     reset_peak_memory(device)
@@ -148,8 +155,10 @@ def distill(method: Method, teacher: nn.Module, student: Student, data: ImageDat
                        student_steps=mon.student_steps, stopped_by=mon.stopped_by or mon.cut_by,
                        real_samples_used=ctx.real_samples_used, best_test=mon.best_test, anytime=mon.anytime,
                        iterations=sum(mon.phase_totals), amp_active=ctx.amp_active,
-                       peak_mem_mb=round(peak_memory_mb(device), 1), resumed_from=mon.resumed_from)
+                       peak_mem_mb=round(peak_memory_mb(device), 1), resumed_from=mon.resumed_from,
+                       queries_by=counter.breakdown())
     finally:
+        teacher_access.release(counted)
         monitor_module.activate(None)
         counter.close()
         ctx.close()

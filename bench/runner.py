@@ -140,7 +140,7 @@ def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
         "cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset, "teacher": cell.teacher,
         "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
         "seed": cell.seed, "budget": cell.compute.fraction, "compute_cap": budget_text(cell),
-        "validation": "" if cell.validation is None else cell.validation,
+        "validation": "" if cell.validation is None else cell.validation, "teacher_outputs": cell.teacher_outputs,
         "teacher_checkpoint": cell.teacher_checkpoint or "", "teacher_pretrained": cell.teacher_pretrained or "",
         "data_options": json.dumps(cell.data_options, sort_keys=True) if cell.data_options else "",
         "device": str(device), "cpu": cpu_name(), "torch": torch.__version__, "git_commit": commit,
@@ -274,7 +274,7 @@ class Runner:
                 budget=cell.compute, amp=cell.amp, data_root=opts.data_root, checkpoint_every=cell.checkpoint_every,
                 on_log=progress.log if progress else None,
                 on_phase=(lambda name, total, done: progress.phase(f"{cell.label}: {name}", total, done)) if progress else None,
-                on_step=progress.step if progress else None)
+                on_step=progress.step if progress else None, teacher_outputs=cell.teacher_outputs or "logits")
             measured = provision.measure(outcome.student, token, input_shape)
             record = {**student.record(cell.student, info), "mean": list(info.mean), "std": list(info.std)}
             provision.save_student(outcome.student, record, cell_dir)  # mean/std: the input a deployment must feed
@@ -286,6 +286,7 @@ class Runner:
                 best_protocol="best test-set evaluation during training (paper protocol)" if method_cls.tracks_best else "",
                 real_samples_used=outcome.real_samples_used + search_samples,
                 teacher_queries=outcome.teacher_queries + (cost.teacher_queries if cost else 0),
+                teacher_queries_by=outcome.queries_by,
                 student_steps=outcome.student_steps, stopped_by=outcome.stopped_by,
                 params=measured.params, flops=measured.flops, macs=measured.macs,
                 arch_id=architecture_id(outcome.student), distill_seconds=outcome.seconds,

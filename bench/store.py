@@ -25,8 +25,8 @@ RECORD_ONLY = ("teacher_checkpoint", "teacher_pretrained", "data_options", "inpu
 # The public column set (DESIGN.md "Results"); scripts and the report read these names.
 COLUMNS = [
     "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "seed",
-    "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_queries",
-    "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
+    "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_outputs",
+    "teacher_queries", "teacher_queries_by", "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
     "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",
     "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "threads", "throughput",
     "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",

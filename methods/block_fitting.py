@@ -39,6 +39,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from bench.teacher_access import layer_outputs, layer_shapes
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 DERIVED_HINT = "a student derived from the teacher, e.g. pruned:l1:0.5"
 
@@ -59,10 +61,6 @@ class FitPoint:
     def output(self) -> str:
         """The module whose output is the block's pre-activation output."""
         return self.bn or self.layer
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early once the wanted output is captured."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,12 +140,15 @@ def classifier_name(model: nn.Module, example: torch.Tensor) -> str | None:
     return _trace_order(model, example)[2]
 
 
-def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, kept: dict | None, *,
+def fit_points(student: nn.Module, teacher: nn.Module | dict, example: torch.Tensor, kept: dict | None, *,
                spec: str = "student", fit_linear: bool = True, fit_classifier: bool = False) -> list[FitPoint]:
     """The student's blocks with a teacher counterpart, input first (see the module docstring).
 
     ``fit_classifier``: also the classifier, whose outputs (the logits) are never pruned: its Q is a
     K x K map on the logits, fitted against the teacher's logits and merged into the classifier.
+
+    ``teacher``: the teacher module, or its layers' kinds and widths (``teacher.layer_shapes()`` of the
+    view a ``features`` method receives: no weights needed).
 
     ``kept``: the lineage's kept channels (``ctx.lineage.kept_channels``). Raises :class:`NotDerivedError`
     when there are none (the student was not derived from the teacher) or its layers do not match the
@@ -158,7 +159,7 @@ def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, ke
             f"channels each student layer kept (its lineage's kept_channels); use {DERIVED_HINT}")
     order, bn_after, classifier = _trace_order(student, example)
     s_modules = dict(student.named_modules())
-    t_modules = dict(teacher.named_modules())
+    t_layers = teacher if isinstance(teacher, dict) else layer_shapes(teacher)
     points = []
     for name in order:
         layer = s_modules[name]
@@ -167,12 +168,12 @@ def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, ke
             continue
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             continue  # a depthwise/grouped conv mixes no channels: a full C'xC' Q cannot be merged into it
-        t_layer = t_modules.get(name)
-        if type(t_layer) is not type(layer):
+        t_layer = t_layers.get(name)
+        if t_layer is None or t_layer.kind is not type(layer):
             raise NotDerivedError(f"student {spec!r}: layer {name!r} has no {type(layer).__name__} counterpart in the "
                                   f"teacher; block fitting needs {DERIVED_HINT}")
         out_s = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-        out_t = t_layer.out_channels if isinstance(t_layer, nn.Conv2d) else t_layer.out_features
+        out_t = t_layer.out
         channels = tuple(kept.get(name, range(out_t)))
         if len(channels) != out_s or (channels and max(channels) >= out_t):
             raise NotDerivedError(f"student {spec!r}: layer {name!r} has {out_s} output channels but kept_channels "
@@ -188,26 +189,11 @@ def fit_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor, ke
 # reading block outputs
 
 
-def capture(model: Callable[[torch.Tensor], torch.Tensor], modules: dict[str, nn.Module], x: torch.Tensor, *,
-            stop_after: str | None = None) -> dict[str, torch.Tensor]:
-    """Run ``model(x)`` and return the outputs of ``modules`` ({name: module}). With ``stop_after``,
-    the forward pass ends as soon as that module's output is captured (saves the rest of the net)."""
-    out: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in modules.items():
-        def hook(m, inputs, output, name=name):
-            out[name] = output
-            if name == stop_after:
-                raise _Stop
-        handles.append(module.register_forward_hook(hook))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+def capture(model: nn.Module, modules: Iterable[str], x: torch.Tensor, *, stop_after: str | None = None
+            ) -> dict[str, torch.Tensor]:
+    """The outputs of ``model``'s layers ``modules`` (names) on ``x``; with ``stop_after``, the forward pass
+    ends as soon as that layer's output is captured (saves the rest of the net)."""
+    return layer_outputs(model, model, modules, x, stop_after=stop_after)
 
 
 def rows(feature: torch.Tensor) -> torch.Tensor:
@@ -323,14 +309,13 @@ def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def teacher_targets(teacher, points: Iterable[FitPoint], images: torch.Tensor, prepare, batch_size: int
                     ) -> dict[str, list[torch.Tensor]]:
     """Every fit point's teacher output restricted to the kept channels, per batch: one counted teacher
-    pass over ``images`` (``teacher`` is the CountingTeacher; its ``.module`` carries the hooks)."""
+    pass over ``images`` (``teacher``: the view a ``features`` method receives, ``layer_outputs``)."""
     points = list(points)
-    raw = teacher.module if hasattr(teacher, "module") else teacher
-    modules = {p.output: raw.get_submodule(p.output) for p in points}
+    names = [p.output for p in points]
     kept = {p.output: torch.tensor(p.kept, device=images.device) for p in points}
     out: dict[str, list[torch.Tensor]] = {p.output: [] for p in points}
     for xb in batches(images, batch_size):
-        feats = capture(teacher, modules, prepare(xb))
+        feats = teacher.layer_outputs(prepare(xb), names)
         for name, f in feats.items():
             out[name].append(f.index_select(1, kept[name]).float())
     return out

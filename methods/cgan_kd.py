@@ -33,6 +33,7 @@ from bench.config import ConfigError
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
 from methods.kd import PRESET_FOR_DATASET, PRESETS
+from methods.losses import teacher_scores
 
 CONDITIONINGS = ("label_concat", "aux_classifier", "none")
 
@@ -129,7 +130,7 @@ class CGANKD(Method):
             x, y = next(batches)
             with ctx.autocast():
                 with torch.no_grad():
-                    t_logits = teacher(x).float()
+                    t_logits = teacher_scores(teacher, x).float()
                 s_logits = student(x).float()
             # one D step on this batch, then the student's losses against the updated D
             d_loss = discriminator_loss(disc, t_logits, s_logits.detach(), y)

@@ -28,7 +28,7 @@ class FitNetFew(Method):
         cfg = self.config
         images, _ = ctx.few_samples(cfg.n_samples)  # unlabelled
         student.eval()
-        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), kept_channels(ctx),
+        points = fit_points(student, teacher.layer_shapes(), ctx.prepare(images[:1]), kept_channels(ctx),
                             spec=student_spec(student, ctx.lineage))
         targets = {name: torch.cat(parts) for name, parts in
                    teacher_targets(teacher, points, images, ctx.prepare, 250).items()}
@@ -38,7 +38,6 @@ class FitNetFew(Method):
         stream = ctx.batches(images, index, cfg.batch_size, prepare=False)
 
         kept = {p.output: torch.tensor(p.kept, device=images.device) for p in points}
-        t_modules = {n: teacher.module.get_submodule(n) for n in modules}
 
         def step(it: int) -> dict[str, torch.Tensor]:
             xb, idx = next(stream)
@@ -46,11 +45,11 @@ class FitNetFew(Method):
             with ctx.autocast():
                 if cfg.augment:  # targets of the augmented images: one more teacher pass per step
                     with torch.no_grad():
-                        t_out = capture(teacher, t_modules, x, stop_after=points[-1].output)
+                        t_out = teacher.layer_outputs(x, list(modules), stop_after=points[-1].output)
                     batch_targets = {n: t_out[n].index_select(1, kept[n]).float() for n in modules}
                 else:
                     batch_targets = {n: targets[n][idx] for n in modules}
-                outs = capture(student, modules, x, stop_after=points[-1].output)
+                outs = capture(student, list(modules), x, stop_after=points[-1].output)
                 loss = sum(torch.mean((outs[n].float() - batch_targets[n]) ** 2) / energy[n] for n in modules)
             return {"loss": loss}
 

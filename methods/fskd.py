@@ -68,26 +68,24 @@ class FSKD(Method):
         cfg = self.config
         images, _ = ctx.few_samples(cfg.n_samples)  # unlabelled
         student.eval()  # BN uses its running statistics: the block output is the BN-folded conv
-        points = fit_points(student, teacher.module, ctx.prepare(images[:1]), kept_channels(ctx),
+        points = fit_points(student, teacher.layer_shapes(), ctx.prepare(images[:1]), kept_channels(ctx),
                             spec=student_spec(student, ctx.lineage), fit_linear=cfg.fit_linear,
                             fit_classifier=cfg.fit_classifier)
         targets = teacher_targets(teacher, points, images, ctx.prepare, cfg.batch_size) if cfg.cache_teacher else None
         started = time.perf_counter()
         for step in ctx.steps(cfg.passes * len(points), "fskd blocks", log_every=1):  # one block fit per step
             point = points[(step - 1) % len(points)]
-            module = student.get_submodule(point.output)
-            t_module = teacher.module.get_submodule(point.output)
             kept = torch.tensor(point.kept, device=images.device)
             eq = NormalEquations(len(point.kept), len(point.kept), images.device)
             yty = torch.zeros((), dtype=torch.float64, device=images.device)
             for b, xb in enumerate(batches(images, cfg.batch_size)):
                 x = ctx.prepare(xb)
                 with torch.no_grad():
-                    s_out = capture(student, {point.output: module}, x, stop_after=point.output)[point.output]
+                    s_out = capture(student, [point.output], x, stop_after=point.output)[point.output]
                     if targets is not None:
                         t_out = targets[point.output][b]
                     else:
-                        t_out = capture(teacher, {point.output: t_module}, x, stop_after=point.output)[point.output]
+                        t_out = teacher.layer_outputs(x, [point.output], stop_after=point.output)[point.output]
                         t_out = t_out.index_select(1, kept)
                 eq.add(s_out, t_out)
                 yty += rows(t_out).to(torch.float64).square().sum()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
-from methods.losses import kd_loss
+from methods.losses import kd_loss, teacher_scores
 
 # The RepDistiller CIFAR-100 benchmark setting (Tian et al., ICLR 2020, "Contrastive Representation
 # Distillation", Table 1 protocol): SGD 0.05, momentum 0.9, wd 5e-4, batch 64, 240 epochs, x0.1 at
@@ -54,7 +54,7 @@ class KD(Method):
             x, y = next(batches)
             with ctx.autocast():
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = teacher_scores(teacher, x)
                 s_logits = student(x)
                 ce = F.cross_entropy(s_logits, y)
                 soft = kd_loss(s_logits.float(), t_logits.float(), cfg.temperature)

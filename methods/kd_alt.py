@@ -16,7 +16,7 @@ import torch
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import fit_schedule, train
 from methods.kd import CIFAR_PRESET, DIGITS_PRESET, MNIST_PRESET, KDConfig
-from methods.losses import kd_loss
+from methods.losses import kd_loss, teacher_scores
 
 # Alternative data per teacher dataset: DAFL's choices where they exist. USPS is not packaged here,
 # so an MNIST teacher gets Fashion-MNIST as its out-of-domain set (a deviation from DAFL, stated).
@@ -54,7 +54,7 @@ class KDAlt(Method):
             x = next(stream)[0]
             with ctx.autocast():
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = teacher_scores(teacher, x)
                 loss = kd_loss(student(x).float(), t_logits.float(), cfg.temperature)
             return {"loss": cfg.alpha * loss}
 

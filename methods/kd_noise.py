@@ -13,7 +13,7 @@ import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
-from methods.losses import kd_loss
+from methods.losses import kd_loss, teacher_scores
 
 # DAFL's student optimisers and budgets (METHODS.md, DAFL table): 120 iterations per "epoch".
 PRESETS = {
@@ -49,7 +49,7 @@ class KDNoise(Method):
             x = ctx.noise(cfg.batch_size)
             with ctx.autocast():
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = teacher_scores(teacher, x)
                 loss = kd_loss(student(x).float(), t_logits.float(), cfg.temperature)
             return {"loss": loss}
 

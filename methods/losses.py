@@ -5,6 +5,12 @@ import torch
 import torch.nn.functional as F
 
 
+def teacher_scores(teacher, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits where its API returns them, else its log-probabilities (logits up to a
+    per-image shift, so softmax-based losses such as :func:`kd_loss` are unchanged); detached."""
+    return teacher(x) if teacher.returns == "logits" else teacher.log_probs(x)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. 2015: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
 

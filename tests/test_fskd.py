@@ -249,7 +249,9 @@ def test_fskd_fits_every_block_of_a_pre_activation_wrn(tmp_path):
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
     assert len(curve) == 15  # the 15 convs (the paper's FSKD fits no Q on the classifier)
     assert all(r["rel_err_after"] <= r["rel_err_before"] + 1e-6 for r in curve), curve
-    assert curve[0]["rel_err_after"] < 0.9 * curve[0]["rel_err_before"]
+    # the first block the pruning changed (a block whose channels all survive starts with no error to fit)
+    first = next(r for r in curve if r["rel_err_before"] > 1e-6)
+    assert first["rel_err_after"] < 0.9 * first["rel_err_before"]
 
 
 def test_context_refuses_more_samples_than_the_method_declared(lenet, digits, tmp_path):
