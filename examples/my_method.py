@@ -35,7 +35,7 @@ class UniformKD(Method):
         for step in ctx.steps(steps, "uniform_kd"):  # progress bar, caps, anytime curve, checkpoints
             x = torch.rand((cfg.batch_size, *ctx.input_shape), device=ctx.device) * 2 - 1
             with torch.no_grad():
-                t_logits = teacher(x)  # counted in teacher_queries
+                t_logits = teacher.log_probs(x)  # counted in teacher_queries; works for a probs or logits API
             loss = kd_loss(student(x), t_logits, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
