@@ -27,6 +27,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _integral(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number written as a float or in scientific notation, else None."""
+    if isinstance(value, str):  # only YAML's unquoted scientific notation (1e7); a quoted "3" stays a string
+        if "e" not in value.lower():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` checked (and lightly coerced: int->float, list->tuple) against ``tp``."""
     origin = get_origin(tp)
@@ -82,6 +96,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _integral(value)  # 1e7 (YAML reads it as a string) or 1.0e+7 (a float): budgets at API scale
+        if number is not None:
+            return number
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -49,3 +49,16 @@ def test_replace_validates():
     assert replace(s, {"steps": 5}, "x").steps == 5
     with pytest.raises(ConfigError, match="x.steps"):
         replace(s, {"steps": 0.5}, "x")
+
+
+def test_whole_numbers_in_scientific_notation_are_integers():
+    # YAML reads `1e7` as a string and `1.0e+7` as a float: a budget of 10^7 teacher queries takes both
+    import yaml
+
+    from bench.monitor import Budget
+
+    for text in ("teacher_queries: 1e7", "teacher_queries: 1.0e+7", "teacher_queries: 10000000"):
+        assert from_mapping(Budget, yaml.safe_load(text), "budget").teacher_queries == 10**7
+    for bad in (1.5, "1e7x", True):
+        with pytest.raises(ConfigError, match="budget.teacher_queries"):
+            from_mapping(Budget, {"teacher_queries": bad}, "budget")
