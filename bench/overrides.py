@@ -41,6 +41,7 @@ CELL_SETTINGS = {
     "latency_threads": "CPU threads of the latency measurement",
     "teacher_seed": "seed of the harness-trained teacher",
     "checkpoint_every": "seconds between in-cell checkpoints (0: never)",
+    "teacher_outputs": "what a teacher behind an API returns to `outputs` methods: logits or probs",
 }
 DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
 RECIPE_PREFIX = "teacher_recipe"
