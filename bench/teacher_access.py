@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.monitor import QueryCounter
+
 OUTPUT_KINDS = ("logits", "probs")  # what an ``outputs`` teacher returns (grid key ``teacher_outputs``)
 
 
@@ -87,6 +89,15 @@ def _refuse(access: TeacherAccess, what: str, needs: TeacherAccess) -> TeacherAc
         f"teacher_access={access.value!r}, which allows {_ALLOWED[access]}")
 
 
+def _teacher_of(view: "LabelTeacher", x: torch.Tensor) -> nn.Module:
+    """The teacher behind a black-box view, for an input that asks for no gradient through it (a function
+    of this module, not a method of the view: nothing a method is handed returns the module)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise _refuse(view.access, "back-propagating through the teacher (an input that requires grad)",
+                      TeacherAccess.GRADIENTS)
+    return _TEACHERS[object.__getattribute__(view, "_token")][0]
+
+
 class NoTeacher:
     """The view for ``none`` and ``weights``: every use of the teacher is refused."""
 
@@ -127,10 +138,7 @@ class LabelTeacher(NoTeacher):
         object.__setattr__(self, "_token", token)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise _refuse(self._access, "back-propagating through the teacher (an input that requires grad)",
-                          TeacherAccess.GRADIENTS)
-        module = _TEACHERS[self._token][0]
+        module = _teacher_of(self, x)
         with torch.no_grad():
             return module(x).detach()
 
@@ -183,28 +191,22 @@ class FeatureTeacher(OutputTeacher):
     def returns(self) -> str:
         return "logits"
 
-    def _module(self, x: torch.Tensor) -> nn.Module:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise _refuse(self._access, "back-propagating through the teacher (an input that requires grad)",
-                          TeacherAccess.GRADIENTS)
-        return _TEACHERS[self._token][0]
-
     @torch.no_grad()
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate features and logits from one forward, detached."""
-        module = self._module(x)
+        module = _teacher_of(self, x)
         features = module.forward_features(x)
         return features.detach(), module.forward_head(features).detach()
 
     @torch.no_grad()
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._module(x).forward_features(x).detach()
+        return _teacher_of(self, x).forward_features(x).detach()
 
     @torch.no_grad()
     def layer_outputs(self, x: torch.Tensor, names: Iterable[str], *, stop_after: str | None = None
                       ) -> dict[str, torch.Tensor]:
         """The detached outputs of the named layers on ``x`` (``stop_after``: end the forward there)."""
-        module = self._module(x)
+        module = _teacher_of(self, x)
         return {k: v.detach() for k, v in layer_outputs(module, module, names, x, stop_after=stop_after).items()}
 
     def layer_shapes(self) -> dict[str, LayerShape]:
@@ -257,10 +259,8 @@ class CountingTeacher(nn.Module):
     access = TeacherAccess.GRADIENTS
     returns = "logits"
 
-    def __init__(self, module: nn.Module, counter=None):
+    def __init__(self, module: nn.Module, counter: QueryCounter | None = None):
         super().__init__()
-        from bench.monitor import QueryCounter
-
         self.module = module.eval().requires_grad_(False)
         self._counter = counter if counter is not None else QueryCounter(module)
 
@@ -297,7 +297,7 @@ class CountingTeacher(nn.Module):
         return layer_shapes(self.module)
 
 
-def teacher_view(access: TeacherAccess, module: nn.Module, counter, outputs: str = "logits"):
+def teacher_view(access: TeacherAccess, module: nn.Module, counter: QueryCounter | None, outputs: str = "logits"):
     """The object a method declaring ``access`` receives as its teacher (see the module docstring).
 
     ``counter`` counts every image through ``module`` (a :class:`bench.monitor.QueryCounter` hooked on
@@ -312,9 +312,8 @@ def teacher_view(access: TeacherAccess, module: nn.Module, counter, outputs: str
     module.eval().requires_grad_(False)
     token = next(_TOKENS)
     _TEACHERS[token] = (module, outputs)
-    view = {TeacherAccess.LABELS: LabelTeacher, TeacherAccess.OUTPUTS: OutputTeacher,
+    return {TeacherAccess.LABELS: LabelTeacher, TeacherAccess.OUTPUTS: OutputTeacher,
             TeacherAccess.FEATURES: FeatureTeacher}[access](token)
-    return view
 
 
 def release(view) -> None:
