@@ -203,9 +203,14 @@ def list_(what, plugins):
             click.echo(f"{name:<16} data={cls.data_access.value:<5} teacher={cls.teacher_access.value:<10} "
                        f"{doc[0] if doc else ''}")
     elif what == "models":
-        from bench.models import list_models
+        from bench.models import list_models, model_card
 
-        click.echo("\n".join(list_models() + ["timm:<name>", "torchvision:<name>"]))
+        click.echo(f"{'model':<16} {'params':>10} {'MACs':>14} {'BN':<3}  (at 1x32x32, 10 classes)")
+        for name in list_models():
+            card = model_card(name)
+            click.echo(f"{name:<16} {card.params:>10,} {card.macs:>14,} {'yes' if card.batch_norm else 'no':<3}  "
+                       f"{card.summary}")
+        click.echo("timm:<name>, torchvision:<name>: third-party architectures (see bench/models.py)")
     elif what == "datasets":
         from bench.data import list_datasets
 

@@ -15,6 +15,11 @@ Built in (all for 1- or 3-channel input; 32x32 is the reference size):
   ladder needs x3 widths to span 2x in latency).
 - ``resnet18``, ``resnet34``: the CIFAR ResNets of the DAFL code (He et al., CVPR 2016, with a 3x3
   stem and no max-pool).
+- ``resnet8``, ``resnet14``, ``resnet20`` (width 16) and ``resnet8_w4``, ``resnet8_w8``, ``resnet14_w8``: the thin
+  CIFAR ResNets of He et al. (CVPR 2016, section 4.2), depth 6n+2, with the first stage's width as a field
+  (:class:`ThinResNetSpec`); BatchNorm throughout. Rungs of the CPU grids' student ladder.
+- ``mlp_1200``, ``mlp_800`` (and the narrower ``mlp_100``, ``mlp_30``): DAFL's HintonNets (Table 1), two ReLU hidden
+  layers on the flattened 28x28 image (the model resizes the harness's 32-px input back to 28 px).
 - ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko & Komodakis,
   BMVC 2016) as in RepDistiller's ``wrn.py``.
 - ``vgg11``, ``vgg13``, ``vgg16`` (no BN) and ``vgg11_bn``, ``vgg13_bn``, ``vgg16_bn``: CIFAR VGG
@@ -46,6 +51,7 @@ __all__ = [
     "create_model",
     "features_and_logits",
     "list_models",
+    "model_card",
     "register_model",
 ]
 
@@ -130,6 +136,31 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int)
     if rest is not None:
         return builder(rest, num_classes, in_channels, image_size)
     return builder(num_classes, in_channels, image_size)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``bench list models`` shows of a registered model, built untrained at a reference input."""
+
+    name: str
+    params: int
+    macs: int
+    batch_norm: bool  # has BatchNorm layers: may teach the methods that match BN statistics
+    summary: str  # the first line of its builder's docstring
+
+
+def model_card(name: str, in_channels: int = 1, image_size: int = 32, num_classes: int = 10) -> ModelCard:
+    """Params, MACs (one image, :func:`bench.metrics.count_flops`) and traits of ``name`` at the grey 32-px reference
+    input (Fashion-MNIST/MNIST as the harness loads them) unless told otherwise."""
+    from bench.metrics import count_flops, count_params
+
+    with torch.random.fork_rng():
+        model = create_model(name, num_classes, in_channels, image_size)
+    _, macs = count_flops(model, (in_channels, image_size, image_size))
+    builder, _ = MODELS.resolve(name)
+    doc = (builder.__doc__ or type(model).__doc__ or "").strip().splitlines()
+    return ModelCard(name, count_params(model), macs, any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
+                     doc[0] if doc else "")
 
 
 def _require_size(arch: str, image_size: int, *, exactly: int | None = None, at_least: int | None = None) -> None:
@@ -444,7 +475,8 @@ def _register_mlp(name: str, hidden: int) -> None:
         _require_size(name, image_size, at_least=MLP_SIDE)
         return MLP(num_classes, in_channels, hidden)
 
-    build.__doc__ = f"MLP {MLP_SIDE * MLP_SIDE}-{hidden}-{hidden}-classes (DAFL's HintonNets, Table 1), 28x28 input."
+    source = "a HintonNet of DAFL Table 1" if name in ("mlp_1200", "mlp_800") else "a narrower HintonNet, harness ladder"
+    build.__doc__ = f"MLP {MLP_SIDE * MLP_SIDE}-{hidden}-{hidden}-classes ({source}), reads the 28x28 image."
     register_model(name)(build)
 
 

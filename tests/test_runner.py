@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from bench.cli import main
+from bench.latency import BACKENDS, available_backends
 from bench.store import COLUMNS, ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +89,16 @@ def test_grid_runs_resumes_and_reruns(tmp_path, grid_file, cache_dir):
     # no user checkpoint or pretrained weights, no data options
     required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset", "compute_cap", "stopped_by",
                                "search_seconds", "resumed", "teacher_checkpoint", "teacher_pretrained", "data_options"}
+    # the latency columns of a backend not installed here (ONNX Runtime without the export extra) stay empty
+    timed = {c for b in available_backends() for c in (*b.columns, b.teacher_column)}
+    required -= {c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)} - timed
+    assert {"latency_ms", "latency_b64_ms", "teacher_latency_ms"} <= timed
     for r in rows:
         assert not [c for c in required if r[c] == ""], r
+        # every timed backend's figures, in every row: finite, positive, batch 64 slower than batch 1
+        for b in available_backends():
+            median, iqr, b64 = (float(r[c]) for c in b.columns)
+            assert 0 < median < b64 < 1e4 and 0 <= iqr < 1e4 and float(r[b.teacher_column]) > 0, (b.name, r)
         assert (out / "cells" / r["cell_id"] / "config.json").is_file()
         assert (out / "cells" / r["cell_id"] / "curve.jsonl").is_file()
     by = {(r["method"], r["seed"]): r for r in rows}
@@ -153,7 +162,7 @@ def test_sigkill_mid_grid_then_resume_completes_only_missing_cells(tmp_path, gri
     rows = _rows(out)
     assert len(rows) == 8 and len({r["cell_id"] for r in rows}) == 8
     after = {r["cell_id"]: r for r in rows}
-    quiet = {"latency_ms", "latency_iqr_ms", "throughput", "teacher_latency_ms"}  # filled by the latency pass
+    quiet = {c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)} | {"throughput"}  # latency pass
     for cid, row in done_before.items():
         assert {k: v for k, v in after[cid].items() if k not in quiet} == {k: v for k, v in row.items() if k not in quiet}
 
