@@ -128,7 +128,8 @@ def test_files(rendered):
     assert (out / "report.md").is_file() and (out / "summary.csv").is_file()
     names = {"fashion_mnist": ("tradeoff", "macs", "params", "data_access", "cost", "curves",
                                "anytime_queries_fashion_mnist_lenet5_lenet5_half", "anytime_seconds_fashion_mnist_lenet5_pruned_l1_0.5"),
-             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves", "anytime_queries_digits_lenet5_lenet5_half")}
+             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves", "anytime_queries_digits_lenet5_lenet5_half",
+                        "api_queries")}
     for dataset, plots in names.items():
         for plot in plots:
             stem = plot if plot.startswith("anytime") else f"{plot}_{dataset}"
@@ -140,7 +141,8 @@ def test_files(rendered):
     best = pd.read_csv(out / "best_at_budget.csv")
     assert set(best["axis"]) == {"teacher_queries", "seconds"} and set(best["dataset"]) == {"fashion_mnist", "digits"}
     assert (best["val_acc_mean"].dropna() < 100).all()
-    assert set(pd.read_csv(out / "latency_budget.csv")["user_access"]) == {"none", "alt", "few", "full"}
+    # kd_noise (teacher outputs, no data) serves the API-teacher user: the table has a column for it
+    assert set(pd.read_csv(out / "latency_budget.csv")["user_access"]) == {"none", "alt", "few", "full", "api"}
 
 
 def test_html_structure(rendered):
@@ -150,7 +152,8 @@ def test_html_structure(rendered):
                    "environment"):
         assert f'id="{anchor}"' in page
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == (6 + 4) + (6 + 2) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    # per dataset: 6 figures + the API-teacher figure + the anytime pairs' figures; 2 sample grids
+    assert len(images) == (7 + 4) + (7 + 2) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "src=\"plots/" not in page and "src=\"samples/" not in page  # self-contained
     section = _section(page, "fashion_mnist")
     table = _table_after(section, 'id="table-fashion_mnist"')
@@ -241,7 +244,7 @@ def test_markdown_links_exist(rendered):
 def test_fronts_per_access_level_in_the_report(rendered):
     _, out = rendered
     section = _section((out / "index.html").read_text(), "fashion_mnist")
-    fronts = _table_after(section, "Pareto fronts per data access")
+    fronts = _table_after(section, "Pareto fronts per user")
     by_level = {}
     for row in fronts[1:]:
         by_level.setdefault(row[0], []).append((row[1], row[2]))
@@ -249,12 +252,16 @@ def test_fronts_per_access_level_in_the_report(rendered):
     assert by_level["data-free (none)"] == [("lenet5 → lenet5_half", "dafl")]
     assert by_level["≤ few samples"] == [("lenet5 → lenet5_half", "dafl"), ("lenet5 → pruned:l1:0.5", "fskd")]
     assert by_level["≤ full (any method)"] == [("lenet5 → lenet5_half", "kd"), ("lenet5 → pruned:l1:0.5", "kd")]
+    assert by_level["API teacher (no data)"][0] == ("lenet5 → lenet5_half", "kd_noise")
+    # the report's first table: the decision table, before the trade-off figure and the pair x method table
+    assert section.index('id="latency-fashion_mnist"') < section.index("fig-tradeoff") < section.index('id="table-fashion_mnist"')
     latency = _table_after(section, 'id="latency-fashion_mnist"')
-    assert latency[0][:3] == ["latency ≤ ms", "user's data access", "method"]
-    fast = [r for r in latency[1:] if r[0] == "0.071"]
+    assert latency[0] == ["latency ≤ ms", "data-free (none)", "≤ alt (other real data)", "≤ few samples",
+                          "≤ full (any method)", "API teacher (no data)"]
+    fast = latency[1]  # the fastest budget: only the lenet5_half rows fit
     # kd_alt (alt data) is worse than dafl on the fast student: users with alt or few data do best with dafl
-    assert [(r[1], r[2]) for r in fast] == [("data-free (none)", "dafl"), ("≤ alt (other real data)", "dafl"),
-                                            ("≤ few samples", "dafl"), ("≤ full (any method)", "kd")]
+    assert [cell.split(":")[0] for cell in fast[1:]] == ["lenet5_half · dafl"] * 3 + ["lenet5_half · kd", "lenet5_half · kd_noise"]
+    assert fast[4].endswith("86.30 ± 0.25 (n=2)")
 
 
 def test_old_format_csv_renders(tmp_path):
@@ -275,24 +282,26 @@ def test_old_format_csv_renders(tmp_path):
     # per-cell latencies of old runs are pooled per architecture: the median of the 10 lenet5_half cells
     old = pd.read_csv(OLD_FIXTURE)
     half = old[(old["dataset"] == "fashion_mnist") & (old["student"] == "lenet5_half")]["latency_ms"]
-    assert kd[col["latency ms (CPU, b=1, per student arch)"]].startswith(f"{half.median():.3f} (IQR ")
+    assert kd[col["latency ms (eager, b=1, per student arch)"]].startswith(f"{half.median():.3f} (IQR ")
     env = page.split('id="environment"')[1]
     assert re.search(r"git tree</th><td[^>]*>– \(not recorded\)", env)
     assert re.search(r"cells resumed after a stop</th><td[^>]*>– \(not recorded\)", env)
-    assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts per data access" in page
+    assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts per user" in page
 
 
 def test_csv_without_optional_columns(tmp_path):
     frame = pd.read_csv(FIXTURE, dtype=str, keep_default_na=False)
-    frame = frame.drop(columns=["latency_ms", "latency_iqr_ms", "macs", "student_acc_best", "best_protocol", "cpu",
-                                "git_commit", "label"])
+    frame = frame.drop(columns=["latency_ms", "latency_iqr_ms", "ort_latency_ms", "ort_latency_iqr_ms", "macs",
+                                "student_acc_best", "best_protocol", "cpu", "git_commit", "label"])
     frame = frame[(frame["status"] == "ok") & (frame["dataset"] == "digits")]
     small = tmp_path / "small.csv"
     frame.to_csv(small, index=False)
     out = render(make_results(tmp_path / "results", small), tmp_path / "out")
     page = (out / "index.html").read_text()
-    assert "runs.csv lacks the column(s) label, student_acc_best, best_protocol, macs, latency_ms, latency_iqr_ms, cpu, git_commit" in page
-    assert "accuracy vs CPU latency (and its Pareto fronts, the latency-budget table): runs.csv has no latency_ms values" in page
+    assert ("runs.csv lacks the column(s) label, student_acc_best, best_protocol, macs, latency_ms, latency_iqr_ms, "
+            "ort_latency_ms, ort_latency_iqr_ms, cpu, git_commit") in page
+    assert ("the latency-budget table and accuracy vs latency (and its Pareto fronts): runs.csv has no latency_ms "
+            "values") in page
     assert "accuracy vs MACs: runs.csv has no macs values" in page
     assert "best-on-test" not in page.split('id="table-digits"')[1]
     assert not (out / "plots" / "tradeoff_digits.png").exists() and (out / "plots" / "params_digits.png").exists()
