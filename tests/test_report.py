@@ -508,3 +508,68 @@ def test_overrides_fall_back_to_the_other_rows_for_unregistered_methods():
                                          _method_params("kd", "digits", "digits").replace('"lr": 0.001', '"lr": 0.5')]})
     overrides = report.method_overrides(df)
     assert overrides.tolist() == ["width=8 (vs other rows)", "width=16 (vs other rows)", "lr=0.5"]
+
+
+# ---------------------------------------------------------------------------------------------- decision table
+DECISION_METHODS = {"kd": ("full", "outputs"), "fskd": ("few", "features"), "dafl": ("none", "gradients"),
+                    "kd_noise": ("none", "outputs"), "student_only": ("full", "none")}
+USERS = {"data-free (none)": lambda a, t: a == "none", "≤ few samples": lambda a, t: a in ("none", "few"),
+         "≤ full (any method)": lambda a, t: True, "API teacher (no data)": lambda a, t: a == "none" and t == "outputs"}
+
+
+def _constructed_runs(folder: Path) -> pd.DataFrame:
+    """A runs.csv of 5 students x 5 methods x 3 seeds with seeded random accuracies and ONNX Runtime latencies."""
+    from bench.store import COLUMNS
+
+    rng = np.random.default_rng(7)
+    students = {f"s{i}": (0.01 * 2 ** i, 1000 * 3 ** i) for i in range(5)}  # name -> (ort latency ms, MACs)
+    rows = []
+    for student, (latency, macs) in students.items():
+        for method, (data, teacher) in DECISION_METHODS.items():
+            base = rng.uniform(20, 90)
+            for seed in range(3):
+                row = dict.fromkeys(COLUMNS, "")
+                row.update(cell_id=f"{student}-{method}-{seed}", status="ok", dataset="fashion_mnist", teacher="lenet5_bn",
+                           student=student, method=method, label=method, seed=seed, data_access=data,
+                           teacher_access=teacher, student_acc=round(base + rng.normal(0, 2), 2), teacher_acc=90.0,
+                           params=macs // 10, macs=macs, arch_id=f"arch-{student}", input_shape="[1, 32, 32]",
+                           latency_ms=0.2, latency_iqr_ms=0.01, ort_latency_ms=latency, ort_latency_iqr_ms=latency / 20,
+                           latency_threads=1, cpu="test CPU")
+                rows.append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(folder / "runs.csv", index=False)
+    return frame
+
+
+def test_decision_table_cells_are_the_true_maxima_under_each_budget(tmp_path):
+    frame = _constructed_runs(tmp_path / "results")
+    out = render(tmp_path / "results", tmp_path / "out")
+    table = _table_after(_section((out / "index.html").read_text(), "fashion_mnist"), 'id="latency-fashion_mnist"')
+    header, rows = table[0], table[1:]
+    assert header == ["latency ≤ ms", *USERS]
+    means = frame.groupby(["student", "label", "data_access", "teacher_access"]).agg(
+        acc=("student_acc", "mean"), std=("student_acc", "std"), n=("seed", "size"), latency=("ort_latency_ms", "first")
+    ).reset_index()
+    budgets = sorted(means["latency"].unique())
+    assert [float(r[0]) for r in rows] == pytest.approx(budgets, rel=1e-3)  # ONNX Runtime latencies: the default
+    for budget, row in zip(budgets, rows):
+        for user, cell in zip(USERS.values(), row[1:]):
+            serves = np.array([user(a, t) for a, t in zip(means["data_access"], means["teacher_access"])])
+            allowed = means[(means["latency"] <= budget).to_numpy() & serves]
+            best = allowed.loc[allowed["acc"].idxmax()]
+            assert cell == f"{best['student']} · {best['label']}: {best['acc']:.2f} ± {best['std']:.2f} (n=3)", (budget, cell)
+    page = (out / "index.html").read_text()
+    assert "ONNX Runtime (CPU execution provider), batch 1, median over timed blocks, 1 thread, on test CPU" in page
+    # the other backend on request: every row's eager latency is the same, so one budget row
+    eager = render(tmp_path / "results", tmp_path / "eager", latency_backend="eager")
+    rows = _table_after(_section((eager / "index.html").read_text(), "fashion_mnist"), 'id="latency-fashion_mnist"')[1:]
+    assert len(rows) == 1 and rows[0][0] == "0.2"
+
+
+def test_latency_ranking_against_macs():
+    points = pd.DataFrame({"student": ["a", "b", "c"], "macs_mean": [1e3, 1e4, 1e5],
+                           "arch_latency_ms_median": [0.1, 0.3, 0.2]})
+    (sentence,) = report.latency_vs_macs(points)
+    assert sentence.startswith("c (100K MACs, 0.2 ms) runs faster than b (10K MACs, 0.3 ms)")
+    assert report.latency_vs_macs(points.assign(arch_latency_ms_median=[0.1, 0.2, 0.3])) == []
