@@ -1179,6 +1179,8 @@ def _teacher_line(t: pd.Series) -> str:
         parts.append(f"{_si(t['teacher_macs'])} MACs")
     if np.isfinite(t.get("teacher_latency_ms", np.nan)):
         parts.append(f"{t['teacher_latency_ms']:.3f} ms CPU latency")
+    if np.isfinite(t.get("teacher_ort_latency_ms", np.nan)):
+        parts.append(f"{t['teacher_ort_latency_ms']:.3f} ms on ONNX Runtime")
     return f"teacher {t['teacher']}: " + (", ".join(parts) or "no metrics recorded")
 
 
@@ -1560,7 +1562,8 @@ READING = ("Accuracy is the distilled student's final top-1 accuracy on the data
            "training set, the one on which choices may be made; it is not the test result. Best-on-test, where a "
            "method tracks it, is the best test-set evaluation during training, the protocol some papers report: it "
            "peeks at the test set and is optimistic, so it is shown only in the tables and labelled. Latency: CPU, "
-           "batch 1, median over repeated runs, timed once per student architecture. MACs: multiply-accumulates for "
+           "batch 1, median over repeated runs, timed once per student architecture, on the backend each section names "
+           "(ONNX Runtime's CPU provider where it was timed, else eager PyTorch; bench report --latency-backend). MACs: multiply-accumulates for "
            "one image (papers often call these FLOPs). Real samples: images of the teacher's own training set the "
            "method read. Teacher queries: images passed through the teacher during distillation. Data access "
            "levels form a chain none < alt < few < full: a user with a level may run every method needing no more.")
@@ -1650,14 +1653,14 @@ def _html(results_dir, out, df, notes, sections, grid, colours) -> str:
     for s in sections:
         links.append(f'<a href="#ds-{_slug(s.dataset)}">{_e(s.dataset)}</a>')
         links += [f'<a href="#{_e(b.anchor)}">{_e(b.nav)}</a>' for b in s.blocks if b.anchor and b.nav]
-    links += ['<a href="#failed">failed cells</a>', '<a href="#environment">environment</a>']
+    links += ['<a href="#reading">how to read</a>', '<a href="#failed">failed cells</a>', '<a href="#environment">environment</a>']
     body.append("<nav>" + " ".join(links) + "</nav>")
     body += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    body.append(f'<p class="muted">{_e(READING)}</p>')
     for s in sections:
         body.append(f'<section id="ds-{_slug(s.dataset)}"><h2>{_e(s.dataset)}</h2>')
         body += [_html_block(b, out, colours) for b in s.blocks]
         body.append("</section>")
+    body.append(f'<section id="reading"><h2>How to read this report</h2><p class="muted">{_e(READING)}</p></section>')
     failed = _failed(df, results_dir)
     body.append(f'<section id="failed"><h2>Failed cells ({len(failed)})</h2>')
     if failed:
@@ -1730,11 +1733,12 @@ def _markdown(results_dir, out, df, notes, sections, grid, colours) -> str:
         out += [f"_{grid['description']}_", ""]
     out += [_overview(df, grid), ""]
     out += [f"> {n}" for n in notes]
-    out += ["", READING, ""]
+    out.append("")
     for s in sections:
         out += [f"## {s.dataset}", ""]
         for b in s.blocks:
             out += _md_block(b)
+    out += ["## How to read this report", "", READING, ""]
     failed = _failed(df, results_dir)
     out += [f"## Failed cells ({len(failed)})", ""]
     if failed:

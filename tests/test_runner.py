@@ -209,3 +209,22 @@ def test_student_with_other_class_count_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="student outputs 100 classes but the teacher 10"):
         check_compatible(create_model("lenet5", 10, 1, 32).eval(), create_model("lenet5_half", 100, 1, 32), info,
                          torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_hintonnet_pair_trains_and_distils(tmp_path, cache_dir):
+    """DAFL's MNIST pair, HintonNet-1200 -> HintonNet-800 (784-1200-1200-10 -> 784-800-800-10), in a seconds-long cell:
+    the harness trains the MLP teacher on digits and Hinton KD distils it into the smaller MLP."""
+    grid = tmp_path / "mlp.yaml"
+    grid.write_text(GRID.replace("pairs: [{teacher: lenet5, student: lenet5_half}]", "pairs: [{teacher: mlp_1200, student: mlp_800}]")
+                    .replace("methods: [kd, {name: kd_noise, budget: 0.002}, kd_alt, student_only]", "methods: [kd]")
+                    .replace("seeds: [0, 1]", "seeds: [0]").replace("budget: 0.02", "budget: 0.3"))
+    out = tmp_path / "results"
+    result = _run(["run", "--grid", str(grid), "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu",
+                   "--no-progress", "--no-report"])
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "ok", row["error"]
+    assert row["teacher_params"] == "2395210" and row["params"] == "1276810" and row["macs"] == "1275200"
+    assert float(row["teacher_acc"]) > 85 and float(row["student_acc"]) > 80  # both learnt the 10 digits
+    assert float(row["latency_ms"]) > 0 and float(row["teacher_latency_ms"]) > 0
