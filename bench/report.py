@@ -793,14 +793,17 @@ def _point_name(row: pd.Series) -> str:
 
 
 def _label_points(ax, points: pd.DataFrame, x: str, fontsize: float = 7.0) -> None:
-    """Name each point (method · student) beside it, alternately above and below so neighbours do not collide."""
-    for i, (_, row) in enumerate(points.sort_values(_centre(x)).iterrows()):
+    """Name each point (method · student) with a leader line to it, alternately above and below so neighbours do not
+    collide; the right half of the points is named to their left, so that no name runs off the axes."""
+    ordered = points.sort_values(_centre(x))
+    for i, (_, row) in enumerate(ordered.iterrows()):
         xv, yv = row[_centre(x)], row["student_acc_mean"]
         if not (np.isfinite(xv) and np.isfinite(yv)):
             continue
-        above = i % 2 == 0
-        ax.annotate(_point_name(row), (xv, yv), xytext=(4, 9 if above else -11), textcoords="offset points",
-                    fontsize=fontsize, ha="left", va="bottom" if above else "top", color="0.1", zorder=5,
+        above, left = i % 2 == 0, len(ordered) > 1 and i >= len(ordered) / 2
+        ax.annotate(_point_name(row), (xv, yv), xytext=(-10 if left else 10, 16 if above else -16), textcoords="offset points",
+                    fontsize=fontsize, ha="right" if left else "left", va="bottom" if above else "top", color="0.1", zorder=5,
+                    arrowprops=dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=0, shrinkB=4),
                     bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.75))
 
 
@@ -1429,7 +1432,7 @@ def _tradeoff_blocks(section: Section, df: pd.DataFrame, ok: pd.DataFrame, tea: 
                                    "not monotone: " + "; ".join(breaks) + ".")))
     fh, fr = front_rows(section.fronts)
     section.blocks += [Block("heading", "Pareto fronts per user (accuracy vs latency)"),
-                       Block("table", header=fh, rows=fr, label_col=2, left=(0, 1, 2, 3))]
+                       Block("table", header=fh, rows=fr, left=(0, 1, 2, 3))]  # no method swatch: the figure colours families
 
 
 def _api_queries_blocks(section: Section, df: pd.DataFrame, anytime: pd.DataFrame, plots_dir: Path, slug: str,
