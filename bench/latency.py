@@ -17,8 +17,8 @@ Backends (the row's columns, all milliseconds per batch; batch 1 median and IQR,
   Timed only where ``onnx`` and ``onnxruntime`` are installed (the ``export`` extra); otherwise left empty.
 
 Why a deployment runtime: at LeNet size, eager PyTorch's batch-1 latency is mostly a fixed cost per operator
-(lenet5_quarter and lenet5_half differ by ~3% though their MACs differ 2x), so it ranks the framework, not the
-network. The report plots the backend ``bench report --latency-backend`` names (default: ONNX Runtime where the
+(one thread: lenet5_quarter 0.230 ms, lenet5_half 0.240 ms though their MACs differ 2.1x; on ONNX Runtime 0.019 and
+0.022 ms: examples/studies/ladder_latency.py), so it ranks the framework, not the network. The report plots the backend ``bench report --latency-backend`` names (default: ONNX Runtime where the
 rows carry its figures).
 
 An architecture is identified by :func:`architecture_id`: its module types and every parameter's and
