@@ -1370,21 +1370,7 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backe
     else:
         section.skipped.append("accuracy vs distillation cost: runs.csv has no distill_seconds values")
     _anytime_blocks(section, anytime[anytime["dataset"] == dataset], colours, plots_dir, slug, title)
-    if len(part_curves):
-        plot = Plot(name=f"curves_{slug}", title="Training curves",
-                    caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
-                            "mean over seeds, band = min–max over seeds; line style = teacher → student pair."
-                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} (dotted) "
-                               "the generator has collapsed (X: the first such step of a cell)."
-                               if (part_curves["key"] == "sample_std").any() else ""))
-        fig, omitted = _curves_figure(part_curves, title, colours, section.collapses)
-        _save(fig, plots_dir, plot)
-        if omitted:
-            plot.caption += f" Not shown (more than {MAX_CURVE_PANELS} scalars): {', '.join(omitted)}."
-        section.plots.append(plot)
-        blocks.append(Block("figure", plot=plot))
-    else:
-        section.skipped.append("training curves: no cells/<cell_id>/curve.jsonl found")
+    _curves_blocks(section, part_curves, colours, plots_dir, slug, title)
     rows = df[(df["dataset"] == dataset) & (df["status"] == "ok") & (df["cell_id"] != "")]
     for (label, pair), group in rows.sort_values("seed").groupby(["label", "pair"], sort=True):
         for _, row in group.iterrows():
@@ -1458,6 +1444,28 @@ def _api_queries_blocks(section: Section, df: pd.DataFrame, anytime: pd.DataFram
     section.plots.append(plot)
     section.blocks += [Block("heading", "API teacher: accuracy against teacher queries", anchor=f"api-{slug}",
                              nav="API teacher"), Block("figure", plot=plot)]
+
+
+def _curves_blocks(section: Section, curves: pd.DataFrame, colours, plots_dir: Path, slug: str, title: str) -> None:
+    """The training curves, one figure per teacher → student pair (a pair runs at most ~10 methods, so a figure needs
+    no more colours than that; the whole grid in one figure would need one hue per method)."""
+    if not len(curves):
+        section.skipped.append("training curves: no cells/<cell_id>/curve.jsonl found")
+        return
+    for pair, part in curves.groupby("pair", sort=True):
+        plot = Plot(name=f"curves_{slug}_{_slug(pair)}", title=f"Training curves: {pair}",
+                    caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
+                            "mean over seeds, band = min–max over seeds."
+                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} "
+                               "(dotted) the generator has collapsed (X: the first such step of a cell)."
+                               if (part["key"] == "sample_std").any() else ""))
+        collapses = section.collapses[section.collapses["pair"] == pair] if len(section.collapses) else section.collapses
+        fig, omitted = _curves_figure(part, f"{title}, {pair}", colours, collapses)
+        _save(fig, plots_dir, plot)
+        if omitted:
+            plot.caption += f" Not shown (more than {MAX_CURVE_PANELS} scalars): {', '.join(omitted)}."
+        section.plots.append(plot)
+        section.blocks.append(Block("figure", plot=plot))
 
 
 def _finish(section: Section) -> Section:

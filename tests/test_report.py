@@ -126,13 +126,15 @@ def test_files(rendered):
     _, out = rendered
     assert (out / "index.html").stat().st_size > 10_000
     assert (out / "report.md").is_file() and (out / "summary.csv").is_file()
-    names = {"fashion_mnist": ("tradeoff", "macs", "params", "data_access", "cost", "curves",
+    names = {"fashion_mnist": ("tradeoff", "macs", "params", "data_access", "cost", "curves_fashion_mnist_lenet5_lenet5_half",
+                               "curves_fashion_mnist_lenet5_pruned_l1_0.5",
                                "anytime_queries_fashion_mnist_lenet5_lenet5_half", "anytime_seconds_fashion_mnist_lenet5_pruned_l1_0.5"),
-             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves", "anytime_queries_digits_lenet5_lenet5_half",
+             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves_digits_lenet5_lenet5_half",
+                        "anytime_queries_digits_lenet5_lenet5_half",
                         "api_queries")}
     for dataset, plots in names.items():
         for plot in plots:
-            stem = plot if plot.startswith("anytime") else f"{plot}_{dataset}"
+            stem = plot if plot.startswith(("anytime", "curves")) else f"{plot}_{dataset}"
             png, svg = out / "plots" / f"{stem}.png", out / "plots" / f"{stem}.svg"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
             assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()[:2000], svg
@@ -152,8 +154,9 @@ def test_html_structure(rendered):
                    "environment"):
         assert f'id="{anchor}"' in page
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    # per dataset: 6 figures + the API-teacher figure + the anytime pairs' figures; 2 sample grids
-    assert len(images) == (7 + 4) + (7 + 2) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    # per dataset: 5 figures + the API-teacher figure + per pair its training curves and 2 anytime figures (fashion_mnist
+    # 2 pairs, digits 1); 2 sample grids
+    assert len(images) == (6 + 2 * 3) + (6 + 1 * 3) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "src=\"plots/" not in page and "src=\"samples/" not in page  # self-contained
     section = _section(page, "fashion_mnist")
     table = _table_after(section, 'id="table-fashion_mnist"')
