@@ -672,9 +672,16 @@ def _save(fig, folder: Path, plot: Plot) -> None:
 
 
 def _log_if_wide(ax, values: Iterable[float], axis: str = "x", ratio: float = 20.0) -> bool:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     values = [v for v in values if v is not None and np.isfinite(v) and v > 0]
     if values and max(values) / min(values) >= ratio:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        if max(values) / min(values) < 1e4:  # ticks at 1, 2, 5 x 10^k as plain numbers: readable, and no minor labels
+            target = ax.xaxis if axis == "x" else ax.yaxis  # (3×10¹ 4×10¹ ...) to collide
+            target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+            target.set_minor_formatter(NullFormatter())
         return True
     return False
 
