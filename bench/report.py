@@ -16,20 +16,25 @@ inline as a base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary
 ``best_at_budget.csv`` and ``latency_budget.csv`` (the two decision tables) and every plot as
 ``plots/<name>.png`` and ``plots/<name>.svg``.
 
-Per dataset: accuracy vs CPU latency with one Pareto front per data-access level, the latency-budget table
-(best student and method under each latency, per data-access level), the pair x method table (final test
-accuracy, validation accuracy, budget, steps, queries, what stopped the cell, the hyperparameters that differ
-from the method's preset), accuracy vs MACs, params, real data and seconds, per pair the anytime curves
-(validation accuracy against teacher queries and against seconds, band over seeds) with the best method at
-each compute budget, training curves (with the generator's ``sample_std`` and collapse flags) and sample
-grids; then failed cells and the environment.
+Per dataset, the engineer's question first: the decision table (rows: latency budgets; columns: the user's data
+access, none / alt / few / full, and the API-teacher user where such rows exist; cells: the best student and method
+with its final test accuracy, mean +- std over n seeds), accuracy vs latency with one panel and named Pareto front
+per user, whether latency follows MACs, the fronts' table, the API-teacher methods against teacher queries; then the
+pair x method table (final test accuracy, validation accuracy, budget, steps, queries, what stopped the cell, the
+hyperparameters that differ from the method's preset), accuracy vs MACs, params, real data and seconds, per pair the
+anytime curves (validation accuracy against teacher queries and against seconds, band over seeds) with the best
+method at each compute budget, per pair the training curves (with the generator's ``sample_std`` and collapse
+flags) and sample grids; then how to read the report, failed cells and the environment. Latencies are those of one
+backend of :data:`bench.latency.BACKENDS` (:func:`choose_backend`: ONNX Runtime where timed, else eager PyTorch;
+``bench report --latency-backend``), and the report names it with the CPU it ran on.
 
 The headline is the final student's top-1 *test* accuracy, mean +- std over seeds; best-on-test appears only
 in the table, labelled as the paper protocol; everything drawn from the anytime curves is *validation*
 accuracy and says so. A user with data access L may use every method that needs no more data than L
-(none < alt < few < full): the fronts and decision tables are cumulative in that order. Each method keeps
-one colour (from its sorted label) in every figure; each student one marker. Only pandas, matplotlib and
-seaborn draw; the method registry is imported only to state which hyperparameters a row overrides.
+(none < alt < few < full): the fronts and decision tables are cumulative in that order. The scatter figures tell
+methods apart by family (:data:`FAMILIES`: marker and colour, 7 colours) and name the front points on the plot; the
+curve figures, one per pair, give each method of the pair one colour (from its sorted label). Only pandas, matplotlib
+and seaborn draw; the method registry is imported only to state which hyperparameters a row overrides.
 """
 from __future__ import annotations
 
