@@ -84,6 +84,13 @@ def test_onnxruntime_latency_finite_at_batch_1_and_64():
     assert math.isfinite(one) and one > 0 and math.isfinite(iqr) and iqr >= 0
     assert math.isfinite(many) and many > one  # 64 images take longer than one
     assert model.training  # the caller's model is untouched (a copy is exported)
+    # the timed graph computes the model: the same logits (the MLP's 32 -> 28 px resize included)
+    from bench.metrics import _ort_session
+
+    x = torch.randn(4, 1, 32, 32)
+    logits = torch.from_numpy(_ort_session(model, (1, 32, 32), threads=1).run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(x), atol=1e-5)
 
 
 def test_onnxruntime_latency_without_the_package_says_how_to_install(monkeypatch):
