@@ -203,9 +203,14 @@ def list_(what, plugins):
             click.echo(f"{name:<16} data={cls.data_access.value:<5} teacher={cls.teacher_access.value:<10} "
                        f"{doc[0] if doc else ''}")
     elif what == "models":
-        from bench.models import list_models
+        from bench.models import list_models, model_card
 
-        click.echo("\n".join(list_models() + ["timm:<name>", "torchvision:<name>"]))
+        click.echo(f"{'model':<16} {'params':>10} {'MACs':>14} {'BN':<3}  (at 1x32x32, 10 classes)")
+        for name in list_models():
+            card = model_card(name)
+            click.echo(f"{name:<16} {card.params:>10,} {card.macs:>14,} {'yes' if card.batch_norm else 'no':<3}  "
+                       f"{card.summary}")
+        click.echo("timm:<name>, torchvision:<name>: third-party architectures (see bench/models.py)")
     elif what == "datasets":
         from bench.data import list_datasets
 
@@ -321,12 +326,16 @@ def evaluate(cell_dir, device, data_root, cache_dir):
 @click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder [default: RESULTS_DIR/report].")
-def report(results_dir, out):
+@click.option("--latency-backend", type=click.Choice(["eager", "onnxruntime"]), default=None,
+              help="Whose latencies the trade-off figure and the decision tables use: eager PyTorch or ONNX Runtime's "
+                   "CPU provider [default: onnxruntime where runs.csv has its figures, else eager].")
+def report(results_dir, out, latency_backend):
     """Render the accuracy-vs-latency report of a results folder (RESULTS_DIR/runs.csv).
 
     Writes OUT/index.html (self-contained), OUT/report.md, OUT/summary.csv, best_at_budget.csv,
-    latency_budget.csv and every plot as OUT/plots/*.png and *.svg: per dataset accuracy vs CPU latency
-    with one Pareto front per data-access level, the best student under each latency budget, the pair x
+    latency_budget.csv and every plot as OUT/plots/*.png and *.svg: per dataset first the best student and
+    method under each latency budget for each user (data-free, few samples, full data, API teacher), then
+    accuracy vs latency with one panel and Pareto front per user, the pair x
     method table (test and validation accuracy, budget/cap, steps, queries, overrides), vs MACs, params,
     real data and seconds; per pair validation accuracy vs teacher queries and vs seconds with the best
     method at each budget; training curves with generator-collapse flags; sample grids; failed cells;
@@ -336,11 +345,12 @@ def report(results_dir, out):
     Examples:
       bench report results/quick                   # -> results/quick/report/index.html
       bench report results/mine --out /tmp/mine-report
+      bench report results/quick --latency-backend eager   # the trade-off on eager-PyTorch latencies
     """
     from bench.report import ReportError, render
 
     try:
-        target = render(results_dir, out)
+        target = render(results_dir, out, latency_backend=latency_backend)
     except ReportError as exc:
         raise BenchError(str(exc)) from None
     click.echo(f"report: {target / 'index.html'}")

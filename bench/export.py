@@ -49,6 +49,16 @@ def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, chec
         return loaded(check)
 
 
+def write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``model`` as ONNX to ``path``: the TorchScript-based exporter traced on ``example``, input ``input`` and
+    output ``logits`` with a dynamic batch axis. The one export path of ``bench export`` and of the ONNX Runtime
+    latency timing (:mod:`bench.latency`), so the timed graph is the deployed one. Needs the ``onnx`` package."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
 def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, check: torch.Tensor) -> torch.Tensor:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
@@ -57,10 +67,7 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, check: torc
                           "--format torchscript needs nothing more")
     import onnxruntime
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    write_onnx(model, example, path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
 

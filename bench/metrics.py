@@ -8,8 +8,12 @@ How each is measured (the report states it):
   multiply-accumulate of convolutions and matrix products (conv, linear, bmm, attention) and nothing
   else: biases, BatchNorm, activations, pooling and element-wise additions are not counted. MACs are
   FLOPs // 2, the unit papers often call "FLOPs" (DAFL's LeNet-5 "436K" are MACs).
-- Latency: ``torch.utils.benchmark`` on CPU, batch 1, a fixed thread count, after a warm-up; median
-  and inter-quartile range over the timed blocks, in milliseconds.
+- Latency, eager PyTorch: ``torch.utils.benchmark`` on CPU, batch 1 (or N), a fixed thread count, after a
+  warm-up; median and inter-quartile range over the timed blocks, in milliseconds per batch.
+- Latency, ONNX Runtime: the model exported by :func:`bench.export.write_onnx` (the graph ``bench export``
+  writes), run by ONNX Runtime's CPU execution provider with ``threads`` intra-op threads, one inter-op
+  thread, sequential execution and all graph optimisations; after a warm-up, blocks of runs are timed with
+  ``time.perf_counter`` until ``min_run_time`` has passed; median and IQR over the blocks' per-run times.
 - Throughput: images/s at batch N on the given device; ``torch.utils.benchmark`` synchronises CUDA.
 - Peak memory, per cell: CUDA allocator peak on CUDA; on CPU (Linux) the peak resident set size since
   :func:`reset_peak_memory` lowered it to the current size (``/proc/self/clear_refs``), NaN where that cannot be reset.
@@ -30,6 +34,7 @@ __all__ = [
     "count_params",
     "evaluate_accuracy",
     "measure_latency",
+    "measure_onnxruntime_latency",
     "measure_throughput",
     "peak_memory_mb",
     "reset_peak_memory",
@@ -105,8 +110,8 @@ def _timed_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, threads: int = 1,
-                    min_run_time: float = 0.5) -> tuple[float, float]:
-    """CPU batch-1 latency in milliseconds: (median, inter-quartile range).
+                    min_run_time: float = 0.5, batch: int = 1) -> tuple[float, float]:
+    """Eager-PyTorch CPU latency of one batch of ``batch`` images in milliseconds: (median, inter-quartile range).
 
     A deep copy of the model on the CPU in eval mode, without gradients, with ``threads`` intra-op
     threads, is warmed up and then timed by ``torch.utils.benchmark.Timer.blocked_autorange``; the
@@ -114,9 +119,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, threads: 
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     cpu_model = _timed_copy(model, torch.device("cpu"))
     _, dtype = _device_and_dtype(cpu_model)
-    x = torch.randn(1, *input_shape, dtype=dtype)
+    x = torch.randn(batch, *input_shape, dtype=dtype)
     previous_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -128,6 +135,76 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, threads: 
     finally:
         torch.set_num_threads(previous_threads)
     return measurement.median * 1e3, measurement.iqr * 1e3
+
+
+_BLOCK_SECONDS = 0.01  # ONNX Runtime timing: runs per block are chosen so that a block lasts about this long
+
+
+def onnxruntime_missing() -> str:
+    """Why ONNX Runtime latency cannot be measured here ('' when it can): the ``onnx`` exporter and ``onnxruntime``."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return ""
+    return (f"the {' and '.join(missing)} package(s) are not installed "
+            "(pip install onnx onnxruntime -c constraints.txt, or pip install 'dfkd-bench[export]')")
+
+
+def _ort_session(model: nn.Module, input_shape: tuple[int, ...], threads: int):
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime
+
+    from bench.export import write_onnx
+
+    cpu_model = _timed_copy(model, torch.device("cpu"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="dfkd-ort-") as folder:
+        path = Path(folder) / "model.onnx"
+        write_onnx(cpu_model, torch.zeros(2, *input_shape), path)
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def measure_onnxruntime_latency(model: nn.Module, input_shape: tuple[int, ...], *, threads: int = 1,
+                                min_run_time: float = 0.5, batch: int = 1) -> tuple[float, float]:
+    """ONNX Runtime CPU latency of one batch of ``batch`` images in milliseconds: (median, inter-quartile range).
+
+    The model (a deep copy, eval mode) is exported by :func:`bench.export.write_onnx` and run by the CPU execution
+    provider with ``threads`` intra-op threads; after a warm-up, blocks of runs (each about 10 ms) are timed until
+    ``min_run_time`` seconds have passed; the statistics are over the blocks' per-run times.
+
+    Raises:
+        RuntimeError: onnx or onnxruntime is not installed (the message says how to install them).
+    """
+    import time
+
+    if threads < 1 or batch < 1:
+        raise ValueError(f"threads and batch must be >= 1, got threads={threads}, batch={batch}")
+    missing = onnxruntime_missing()
+    if missing:
+        raise RuntimeError(f"ONNX Runtime latency: {missing}")
+    session = _ort_session(model, input_shape, threads)
+    feed = {"input": torch.randn(batch, *input_shape).numpy()}
+    start = time.perf_counter()
+    for _ in range(_WARMUP_RUNS):
+        session.run(None, feed)
+    per_block = max(1, int(_BLOCK_SECONDS / max((time.perf_counter() - start) / _WARMUP_RUNS, 1e-7)))
+    times: list[float] = []
+    deadline = time.perf_counter() + min_run_time
+    while time.perf_counter() < deadline or len(times) < 5:
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            session.run(None, feed)
+        times.append((time.perf_counter() - t0) / per_block)
+    q1, median, q3 = (float(v) for v in torch.tensor(times, dtype=torch.float64).quantile(
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return median * 1e3, (q3 - q1) * 1e3
 
 
 def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,

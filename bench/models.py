@@ -15,6 +15,11 @@ Built in (all for 1- or 3-channel input; 32x32 is the reference size):
   ladder needs x3 widths to span 2x in latency).
 - ``resnet18``, ``resnet34``: the CIFAR ResNets of the DAFL code (He et al., CVPR 2016, with a 3x3
   stem and no max-pool).
+- ``resnet8``, ``resnet14``, ``resnet20`` (width 16) and ``resnet8_w4``, ``resnet8_w8``, ``resnet14_w8``: the thin
+  CIFAR ResNets of He et al. (CVPR 2016, section 4.2), depth 6n+2, with the first stage's width as a field
+  (:class:`ThinResNetSpec`); BatchNorm throughout. Rungs of the CPU grids' student ladder.
+- ``mlp_1200``, ``mlp_800`` (and the narrower ``mlp_100``, ``mlp_30``): DAFL's HintonNets (Table 1), two ReLU hidden
+  layers on the flattened 28x28 image (the model resizes the harness's 32-px input back to 28 px).
 - ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko & Komodakis,
   BMVC 2016) as in RepDistiller's ``wrn.py``.
 - ``vgg11``, ``vgg13``, ``vgg16`` (no BN) and ``vgg11_bn``, ``vgg13_bn``, ``vgg16_bn``: CIFAR VGG
@@ -46,6 +51,7 @@ __all__ = [
     "create_model",
     "features_and_logits",
     "list_models",
+    "model_card",
     "register_model",
 ]
 
@@ -130,6 +136,31 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int)
     if rest is not None:
         return builder(rest, num_classes, in_channels, image_size)
     return builder(num_classes, in_channels, image_size)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``bench list models`` shows of a registered model, built untrained at a reference input."""
+
+    name: str
+    params: int
+    macs: int
+    batch_norm: bool  # has BatchNorm layers: may teach the methods that match BN statistics
+    summary: str  # the first line of its builder's docstring
+
+
+def model_card(name: str, in_channels: int = 1, image_size: int = 32, num_classes: int = 10) -> ModelCard:
+    """Params, MACs (one image, :func:`bench.metrics.count_flops`) and traits of ``name`` at the grey 32-px reference
+    input (Fashion-MNIST/MNIST as the harness loads them) unless told otherwise."""
+    from bench.metrics import count_flops, count_params
+
+    with torch.random.fork_rng():
+        model = create_model(name, num_classes, in_channels, image_size)
+    _, macs = count_flops(model, (in_channels, image_size, image_size))
+    builder, _ = MODELS.resolve(name)
+    doc = (builder.__doc__ or type(model).__doc__ or "").strip().splitlines()
+    return ModelCard(name, count_params(model), macs, any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
+                     doc[0] if doc else "")
 
 
 def _require_size(arch: str, image_size: int, *, exactly: int | None = None, at_least: int | None = None) -> None:
@@ -312,6 +343,145 @@ def resnet18(num_classes: int, in_channels: int, image_size: int) -> CifarResNet
 def resnet34(num_classes: int, in_channels: int, image_size: int) -> CifarResNet:
     """CIFAR ResNet-34 (DAFL's CIFAR teacher): 21.28M params with 10 classes."""
     return CifarResNet([3, 4, 6, 3], num_classes, in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin CIFAR ResNets, depth 6n+2 (He et al., CVPR 2016, section 4.2)
+
+
+@dataclass(frozen=True)
+class ThinResNetSpec:
+    """A thin CIFAR ResNet: ``depth`` = 6n+2 (n basic blocks per stage) and ``width`` = the first stage's
+    channels (the paper's 16; the stages have width, 2*width, 4*width)."""
+
+    depth: int
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        if (self.depth - 2) % 6 != 0 or self.depth < 8:
+            raise ValueError(f"a thin CIFAR ResNet's depth must be 6n+2 >= 8 (8, 14, 20, 32, ...), got {self.depth}")
+        if self.width < 1:
+            raise ValueError(f"a thin CIFAR ResNet's width must be >= 1, got {self.width}")
+
+
+class ThinResNet(Classifier):
+    """The CIFAR ResNet of He et al. (CVPR 2016, section 4.2): a 3x3 stem conv to ``width`` + BN + ReLU, three
+    stages of n post-activation basic blocks at ``width``, 2x and 4x (strides 1, 2, 2: 32, 16, 8 px at 32 px
+    input), global average pool, a 4*width feature and a linear head; 6n+2 weighted layers. The paper's
+    shortcuts that change shape are zero-padded identities (its option A); here they are 1x1 conv + BN (option B,
+    the blocks of :class:`CifarResNet`), which exports to ONNX as plain convolutions. Has BatchNorm, so it can be
+    the teacher of the methods that match BN statistics."""
+
+    def __init__(self, spec: ThinResNetSpec, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        n, w = (spec.depth - 2) // 6, spec.width
+        self.conv1 = nn.Conv2d(in_channels, w, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU()
+        stages, in_planes = [], w
+        for planes, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            stages.append(nn.Sequential(*[BasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                                          for i in range(n)]))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = 4 * w
+        self.linear = nn.Linear(self.feature_dim, num_classes)
+        for m in self.modules():  # He et al. initialisation, as in the paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return torch.flatten(self.avgpool(out), 1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear(f)
+
+    def classifier_module(self) -> nn.Module:
+        return self.linear
+
+
+# name -> spec: the paper's ResNet-8/14/20 at width 16, and narrower rungs of the CPU grids' student ladder
+THIN_RESNETS: dict[str, ThinResNetSpec] = {
+    "resnet8_w4": ThinResNetSpec(8, 4),
+    "resnet8_w8": ThinResNetSpec(8, 8),
+    "resnet8": ThinResNetSpec(8, 16),
+    "resnet14_w8": ThinResNetSpec(14, 8),
+    "resnet14": ThinResNetSpec(14, 16),
+    "resnet20": ThinResNetSpec(20, 16),
+}
+
+
+def _register_thin_resnet(name: str, spec: ThinResNetSpec) -> None:
+    def build(num_classes: int, in_channels: int, image_size: int) -> ThinResNet:
+        _require_size(name, image_size, at_least=4)
+        return ThinResNet(spec, num_classes, in_channels)
+
+    build.__doc__ = (f"CIFAR ResNet-{spec.depth} at width {spec.width} (He et al., CVPR 2016, section 4.2; "
+                     f"stages {spec.width}/{2 * spec.width}/{4 * spec.width}).")
+    register_model(name)(build)
+
+
+for _name, _spec in THIN_RESNETS.items():
+    _register_thin_resnet(_name, _spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# HintonNets: two-hidden-layer ReLU MLPs (DAFL, Chen et al., ICCV 2019, Table 1)
+
+MLP_SIDE = 28  # the MLPs read the 28x28 image of MNIST-like data, flattened to 784 inputs (DAFL Table 1)
+
+
+class MLP(Classifier):
+    """A two-hidden-layer ReLU MLP on the flattened 28x28 image: the HintonNets of DAFL (Chen et al., ICCV 2019,
+    Table 1; Hinton et al. 2015's MNIST nets): ``mlp_1200`` 784-1200-1200-10 (teacher there) and ``mlp_800``
+    784-800-800-10 (student there).
+
+    The harness's grey datasets arrive at 32x32 (the loaders resize MNIST/Fashion-MNIST 28 -> 32 bilinearly, for
+    LeNet-5), so the model first resizes its input back to 28x28 (bilinear, ``align_corners=False``; no weights, no
+    MACs counted) and flattens it to 784 values: the layer sizes are exactly the paper's. An input already 28 px
+    passes unchanged. Layers: fc1 ReLU fc2 ReLU -> feature (hidden-d), head fc3.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * MLP_SIDE * MLP_SIDE, hidden)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(hidden, num_classes)
+        self.feature_dim = hidden
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != MLP_SIDE or x.shape[-2] != MLP_SIDE:
+            x = nn.functional.interpolate(x, size=(MLP_SIDE, MLP_SIDE), mode="bilinear", align_corners=False)
+        return self.relu2(self.fc2(self.relu1(self.fc1(torch.flatten(x, 1)))))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc3(f)
+
+    def classifier_module(self) -> nn.Module:
+        return self.fc3
+
+
+# name -> hidden width: DAFL's two HintonNets, and smaller rungs of the CPU grids' student ladder
+MLP_WIDTHS: dict[str, int] = {"mlp_1200": 1200, "mlp_800": 800, "mlp_100": 100, "mlp_30": 30}
+
+
+def _register_mlp(name: str, hidden: int) -> None:
+    def build(num_classes: int, in_channels: int, image_size: int) -> MLP:
+        _require_size(name, image_size, at_least=MLP_SIDE)
+        return MLP(num_classes, in_channels, hidden)
+
+    source = "a HintonNet of DAFL Table 1" if name in ("mlp_1200", "mlp_800") else "a narrower HintonNet, harness ladder"
+    build.__doc__ = f"MLP {MLP_SIDE * MLP_SIDE}-{hidden}-{hidden}-classes ({source}), reads the 28x28 image."
+    register_model(name)(build)
+
+
+for _name, _hidden in MLP_WIDTHS.items():
+    _register_mlp(_name, _hidden)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,20 +16,25 @@ inline as a base64 PNG), ``report.md`` (plots linked from ``plots/``), ``summary
 ``best_at_budget.csv`` and ``latency_budget.csv`` (the two decision tables) and every plot as
 ``plots/<name>.png`` and ``plots/<name>.svg``.
 
-Per dataset: accuracy vs CPU latency with one Pareto front per data-access level, the latency-budget table
-(best student and method under each latency, per data-access level), the pair x method table (final test
-accuracy, validation accuracy, budget, steps, queries, what stopped the cell, the hyperparameters that differ
-from the method's preset), accuracy vs MACs, params, real data and seconds, per pair the anytime curves
-(validation accuracy against teacher queries and against seconds, band over seeds) with the best method at
-each compute budget, training curves (with the generator's ``sample_std`` and collapse flags) and sample
-grids; then failed cells and the environment.
+Per dataset, the engineer's question first: the decision table (rows: latency budgets; columns: the user's data
+access, none / alt / few / full, and the API-teacher user where such rows exist; cells: the best student and method
+with its final test accuracy, mean +- std over n seeds), accuracy vs latency with one panel and named Pareto front
+per user, whether latency follows MACs, the fronts' table, the API-teacher methods against teacher queries; then the
+pair x method table (final test accuracy, validation accuracy, budget, steps, queries, what stopped the cell, the
+hyperparameters that differ from the method's preset), accuracy vs MACs, params, real data and seconds, per pair the
+anytime curves (validation accuracy against teacher queries and against seconds, band over seeds) with the best
+method at each compute budget, per pair the training curves (with the generator's ``sample_std`` and collapse
+flags) and sample grids; then how to read the report, failed cells and the environment. Latencies are those of one
+backend of :data:`bench.latency.BACKENDS` (:func:`choose_backend`: ONNX Runtime where timed, else eager PyTorch;
+``bench report --latency-backend``), and the report names it with the CPU it ran on.
 
 The headline is the final student's top-1 *test* accuracy, mean +- std over seeds; best-on-test appears only
 in the table, labelled as the paper protocol; everything drawn from the anytime curves is *validation*
 accuracy and says so. A user with data access L may use every method that needs no more data than L
-(none < alt < few < full): the fronts and decision tables are cumulative in that order. Each method keeps
-one colour (from its sorted label) in every figure; each student one marker. Only pandas, matplotlib and
-seaborn draw; the method registry is imported only to state which hyperparameters a row overrides.
+(none < alt < few < full): the fronts and decision tables are cumulative in that order. The scatter figures tell
+methods apart by family (:data:`FAMILIES`: marker and colour, 7 colours) and name the front points on the plot; the
+curve figures, one per pair, give each method of the pair one colour (from its sorted label). Only pandas, matplotlib
+and seaborn draw; the method registry is imported only to state which hyperparameters a row overrides.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from bench.latency import BACKENDS, LatencyBackend
+
 from bench.store import COLUMNS, RECORD_ONLY
 
 # Without these the rows cannot be placed in a table at all.
@@ -55,18 +62,47 @@ REQUIRED_COLUMNS = ("dataset", "teacher", "student", "method", "student_acc")
 NUMERIC_COLUMNS = ("seed", "budget", "validation", "real_samples_used", "teacher_queries", "student_steps", "teacher_acc",
                    "student_acc", "student_acc_val", "student_acc_best", "params", "flops", "macs", "num_classes",
                    "teacher_params", "teacher_macs", "latency_ms", "latency_iqr_ms", "latency_threads", "throughput",
-                   "distill_seconds", "search_seconds", "iterations", "peak_mem_mb", "teacher_latency_ms")
+                   "distill_seconds", "search_seconds", "iterations", "peak_mem_mb", "teacher_latency_ms",
+                   *(c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)))
 DATA_ACCESS_ORDER = ("none", "alt", "few", "full")
 DATA_ACCESS_TEXT = {"none": "none\n(data-free)", "alt": "alt\n(other real data)", "few": "few\nsamples",
                     "full": "full\ntraining set"}
 # The heading of a cumulative column: a user with this access may use every method that needs no more.
 USER_ACCESS_TEXT = {"none": "data-free (none)", "alt": "≤ alt (other real data)", "few": "≤ few samples",
-                    "full": "≤ full (any method)"}
+                    "full": "≤ full (any method)", "api": "API teacher (no data)"}
+# The "API teacher" user: no data and the teacher only behind an API, so only the methods that need no more than
+# its outputs or labels and no data (teacher_access outputs/labels AND data_access none) are open to them.
+API_USER = "api"
+API_TEACHER_ACCESS = ("outputs", "labels")
 # One colour and line style per data-access level, for the per-level Pareto fronts (method colours are separate).
 ACCESS_STYLE = {"none": ("#b2182b", (0, (5, 2)), 1.6), "alt": ("#e08214", (0, (6, 2, 1, 2)), 2.2),
-                "few": ("#2166ac", (0, (1, 1.5)), 2.8), "full": ("0.25", "-", 3.6)}
+                "few": ("#2166ac", (0, (1, 1.5)), 2.8), "full": ("0.25", "-", 3.6), "api": ("#762a83", "-.", 1.6)}
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8")
+
+@dataclass(frozen=True)
+class Family:
+    """A method family as the scatter figures draw it: one marker and one colour (Okabe-Ito, colour-blind safe)."""
+
+    name: str
+    marker: str
+    colour: str
+
+
+# Scatter figures tell methods apart by family (marker and colour), never by one hue per method: 7 colours at most.
+FAMILIES: dict[str, Family] = {
+    "with_data": Family("with-data KD", "o", "#0072B2"),
+    "alt_data": Family("other real data", "h", "#56B4E9"),
+    "few_sample": Family("few-sample", "s", "#009E73"),
+    "generator": Family("data-free generator", "^", "#E69F00"),
+    "inversion": Family("data-free inversion", "D", "#D55E00"),
+    "api": Family("API teacher", "P", "#CC79A7"),
+    "no_teacher": Family("no teacher", "X", "#7f7f7f"),
+}
+# The data-free methods that optimise the synthetic images themselves (model inversion: DeepInversion, ADI, CMI,
+# Fast-DFKD, ZSKD's data impressions); the other data-free methods train a generator (DAFL, ZSKT, DFAD, DFQ).
+INVERSION_METHODS = frozenset({"deepinversion", "adi", "cmi", "fast_dfkd", "zskd"})
+ACCESS_FAMILY = {"full": "with_data", "alt": "alt_data", "few": "few_sample"}
+
 LINESTYLES = ("-", "--", ":", "-.")
 TEACHER_MARKER = "*"
 MAX_CURVE_PANELS = 12
@@ -145,10 +181,6 @@ def method_colours(labels: Iterable[str]) -> dict[str, tuple[float, float, float
     return {name: tuple(palette[i]) for i, name in enumerate(names)}
 
 
-def student_markers(students: Iterable[str]) -> dict[str, str]:
-    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(sorted(set(students)))}
-
-
 def access_rank(level: str) -> int:
     """Position of a data-access level in none < alt < few < full; unknown levels come after full."""
     return DATA_ACCESS_ORDER.index(level) if level in DATA_ACCESS_ORDER else len(DATA_ACCESS_ORDER)
@@ -163,6 +195,45 @@ def usable_by(user_level: str, method_level: str) -> bool:
     return access_rank(method_level) <= access_rank(user_level)
 
 
+def is_api_teacher(data_access: str, teacher_access: str) -> bool:
+    """Whether a method serves a user who has no data and reaches the teacher only through an API: it needs
+    no data (``none``) and no more of the teacher than its ``outputs`` or ``labels``."""
+    return data_access == "none" and teacher_access in API_TEACHER_ACCESS
+
+
+def family_of(method: str, data_access: str, teacher_access: str) -> str:
+    """The :data:`FAMILIES` key of a method, from its declared access: no teacher > API teacher > its data access
+    (full, alt, few) > data-free inversion (:data:`INVERSION_METHODS`) or generator."""
+    if teacher_access == "none":
+        return "no_teacher"
+    if is_api_teacher(data_access, teacher_access):
+        return "api"
+    if data_access in ACCESS_FAMILY:
+        return ACCESS_FAMILY[data_access]
+    return "inversion" if method in INVERSION_METHODS else "generator"
+
+
+def _family(row: pd.Series) -> Family:
+    return FAMILIES[family_of(str(row.get("method", "")), str(row.get("data_access", "")), str(row.get("teacher_access", "")))]
+
+
+def user_columns(points: pd.DataFrame) -> list[str]:
+    """The users the decision tables and fronts have a column for: each data-access level present, in chain order,
+    and :data:`API_USER` where some row serves an API-teacher user."""
+    teacher = points["teacher_access"] if "teacher_access" in points else pd.Series("", index=points.index)
+    api = any(is_api_teacher(a, t) for a, t in zip(points["data_access"], teacher))
+    return access_levels(points["data_access"]) + ([API_USER] if api else [])
+
+
+def usable_rows(points: pd.DataFrame, user: str) -> pd.DataFrame:
+    """The rows of ``points`` user ``user`` may run: a data-access level runs every method needing no more data
+    (:func:`usable_by`); the API-teacher user only the API-teacher methods (:func:`is_api_teacher`)."""
+    if user == API_USER:
+        teacher = points["teacher_access"] if "teacher_access" in points else pd.Series("", index=points.index)
+        return points[[is_api_teacher(a, t) for a, t in zip(points["data_access"], teacher)]]
+    return points[[usable_by(user, a) for a in points["data_access"]]]
+
+
 def access_levels(levels: Iterable[str]) -> list[str]:
     """The levels present, in chain order (unknown ones last, sorted)."""
     present = set(levels)
@@ -170,36 +241,38 @@ def access_levels(levels: Iterable[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-def arch_latency(ok: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
-    """``{architecture key: (latency median ms, IQR ms)}`` for the finished rows ``ok``.
+def arch_latency(ok: pd.DataFrame, backend: LatencyBackend | None = None) -> dict[tuple, tuple[float, float]]:
+    """``{architecture key: (latency median ms, IQR ms)}`` for the finished rows ``ok`` on ``backend`` (default
+    eager PyTorch: ``latency_ms``/``latency_iqr_ms``; see :mod:`bench.latency` for each backend's columns).
 
     Current runs time each architecture once, in quiet, after all cells: every row with the same ``arch_id``
     carries the same figure and its measured IQR. Rows of older runs (no ``arch_id``) carried a per-cell
     timing: those are pooled per (dataset, student, params, MACs), median and IQR of the pooled values,
     so that one cell timed while the machine was busy cannot move the point."""
+    backend = backend or BACKENDS.get("eager")
     out = {}
     for key, group in ok.groupby(["dataset", "arch_id", "student", "params", "macs"], dropna=False):
-        values = group["latency_ms"].dropna()
+        values = group[backend.median].dropna()
         if not len(values):
             continue
         if key[1]:
-            iqr = group["latency_iqr_ms"].dropna()
+            iqr = group[backend.iqr].dropna()
             out[key] = (values.median(), iqr.median() if len(iqr) else math.nan)
         else:
             out[key] = (values.median(), values.quantile(0.75) - values.quantile(0.25) if len(values) > 1 else math.nan)
     return out
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, backend: LatencyBackend | None = None) -> pd.DataFrame:
     """One row per (dataset, teacher, student, method label): mean and std over the finished seeds.
 
-    ``arch_latency_ms_median/iqr`` is the student architecture's latency (see :func:`arch_latency`): latency
+    ``arch_latency_ms_median/iqr`` is the student architecture's latency on ``backend`` (see :func:`arch_latency`): latency
     belongs to the architecture, not to the method that trained its weights. ``budget_text`` is the budget
     fraction and compute cap, ``stopped_by_text`` which cap stopped how many seeds, ``overrides`` the
     hyperparameters that differ from the method's preset (see :func:`method_overrides`)."""
     keys = ["dataset", "teacher", "student", "pair", "label"]
     ok_all = df[df["status"] == "ok"]
-    latency = arch_latency(ok_all)
+    latency = arch_latency(ok_all, backend)
     overrides = method_overrides(df)
     rows = []
     for key, group in df.groupby(keys, sort=True):
@@ -308,8 +381,8 @@ def teachers_of(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, teacher), group in df.groupby(["dataset", "teacher"], sort=True):
         rows.append({"dataset": dataset, "teacher": teacher,
-                     **{c: group[c].mean() for c in ("teacher_acc", "teacher_params", "teacher_macs", "teacher_latency_ms")
-                        if c in group}})
+                     **{c: group[c].mean() for c in ("teacher_acc", "teacher_params", "teacher_macs",
+                                                     *(b.teacher_column for _, b in BACKENDS.items())) if c in group}})
     return pd.DataFrame(rows)
 
 
@@ -325,24 +398,21 @@ def pareto_front(points: pd.DataFrame, cost: str, gain: str) -> pd.DataFrame:
 
 
 def access_fronts(points: pd.DataFrame, cost: str, gain: str) -> dict[str, pd.DataFrame]:
-    """``{user level: Pareto front}`` per data-access level present: the front of the methods that level may run."""
-    fronts = {}
-    for level in access_levels(points["data_access"]):
-        usable = points[[usable_by(level, a) for a in points["data_access"]]]
-        fronts[level] = pareto_front(usable, cost, gain)
-    return fronts
+    """``{user: Pareto front}`` per user of :func:`user_columns`: the front of the methods that user may run."""
+    return {user: pareto_front(usable_rows(points, user), cost, gain) for user in user_columns(points)}
 
 
 def latency_budget_table(points: pd.DataFrame) -> pd.DataFrame:
-    """For each latency budget (the distinct student latencies) and user data-access level: the student and
-    method with the best mean final test accuracy among the rows at or under that latency that the level may
-    run (ties: the faster, then the label). ``points``: aggregated rows with ``arch_latency_ms_median``."""
+    """For each latency budget (the distinct student latencies) and user (:func:`user_columns`: each data-access
+    level, and the API-teacher user where present): the student and method with the best mean final test accuracy
+    among the rows at or under that latency that the user may run (:func:`usable_rows`; ties: the faster, then the
+    label). ``points``: aggregated rows with ``arch_latency_ms_median``."""
     usable = points.dropna(subset=["arch_latency_ms_median", "student_acc_mean"])
     rows = []
     for budget in sorted(usable["arch_latency_ms_median"].unique()):
         under = usable[usable["arch_latency_ms_median"] <= budget]
-        for level in access_levels(usable["data_access"]):
-            candidates = under[[usable_by(level, a) for a in under["data_access"]]]
+        for level in user_columns(usable):
+            candidates = usable_rows(under, level)
             if not len(candidates):
                 rows.append({"latency_budget_ms": budget, "user_access": level})
                 continue
@@ -607,24 +677,34 @@ def _save(fig, folder: Path, plot: Plot) -> None:
 
 
 def _log_if_wide(ax, values: Iterable[float], axis: str = "x", ratio: float = 20.0) -> bool:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     values = [v for v in values if v is not None and np.isfinite(v) and v > 0]
     if values and max(values) / min(values) >= ratio:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        if max(values) / min(values) < 1e4:  # ticks at 1, 2, 5 x 10^k as plain numbers: readable, and no minor labels
+            target = ax.xaxis if axis == "x" else ax.yaxis  # (3×10¹ 4×10¹ ...) to collide
+            target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+            target.set_minor_formatter(NullFormatter())
         return True
     return False
 
 
-def _legend(fig, colours, markers, labels_present, students_present, extra=()):
+def _family_handles(agg: pd.DataFrame) -> list:
+    """One legend entry per method family present in ``agg`` (marker and colour), in :data:`FAMILIES` order."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colours[m], marker="o", linestyle="none", markersize=8, label=m)
-               for m in sorted(set(labels_present))]
-    if len(set(students_present)):
-        handles.append(Line2D([], [], linestyle="none", label=""))
-        handles += [Line2D([], [], color="0.35", marker=markers[s], linestyle="none", markersize=8, label=f"student: {s}")
-                    for s in sorted(set(students_present))]
-    handles += list(extra)
-    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method (colour)", alignment="left")
+    present = {family_of(str(r.get("method", "")), str(r.get("data_access", "")), str(r.get("teacher_access", "")))
+               for _, r in agg.iterrows()}
+    return [Line2D([], [], color=f.colour, marker=f.marker, linestyle="none", markersize=8, label=f.name)
+            for key, f in FAMILIES.items() if key in present]
+
+
+def _legend(fig, agg: pd.DataFrame, extra=()):
+    """The scatter figures' legend, beside the plot: method families (see :data:`FAMILIES`), then ``extra``."""
+    fig.legend(handles=_family_handles(agg) + list(extra), loc="outside right upper", frameon=False,
+               title="method family", alignment="left")
 
 
 def _centre(x: str) -> str:
@@ -637,13 +717,15 @@ def _spread(row: pd.Series, x: str) -> float:
     return row[f"{x}_iqr"] / 2 if x == "arch_latency_ms" else row[f"{x}_std"]
 
 
-def _points(ax, agg: pd.DataFrame, x: str, colours, markers, *, xerr: bool = True) -> None:
+def _points(ax, agg: pd.DataFrame, x: str, *, xerr: bool = True) -> None:
+    """Accuracy (mean, std bar) against ``x``, one point per aggregated row, marker and colour by method family."""
     for _, row in agg.iterrows():
         xv, yv = row[_centre(x)], row["student_acc_mean"]
         if not (np.isfinite(xv) and np.isfinite(yv)):
             continue
+        family = _family(row)
         ax.errorbar(xv, yv, yerr=_nan0(row["student_acc_std"]), xerr=_nan0(_spread(row, x)) if xerr else None,
-                    fmt=markers[row["student"]], color=colours[row["label"]], markersize=8, capsize=3, elinewidth=1.2,
+                    fmt=family.marker, color=family.colour, markersize=8, capsize=3, elinewidth=1.2,
                     markeredgecolor="white", markeredgewidth=0.6, zorder=3)
 
 
@@ -686,11 +768,13 @@ def _draw_fronts(ax, fronts: dict[str, pd.DataFrame], x: str) -> list:
     return handles[:1] + handles[1:][::-1]
 
 
-def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x=None, fronts=None):
-    """Accuracy (mean +- std over seeds) against ``x``; the teacher as a point (or a line without ``teacher_x``)."""
+def _accuracy_vs(agg, teachers, x, xlabel, title, *, teacher_x=None, fronts=None):
+    """Accuracy (mean +- std over seeds) against ``x``; the teacher as a point (or a line without ``teacher_x``);
+    the points of the front over every row (lower ``x``, higher accuracy) named on the plot."""
     fig, axes = _figure(8.6, 4.6)
     ax = axes[0, 0]
-    _points(ax, agg, x, colours, markers)
+    _points(ax, agg, x)
+    _label_points(ax, pareto_front(agg, _centre(x), "student_acc_mean"), x)
     extra = []
     shown_teachers = teachers.dropna(subset=["teacher_acc"]) if "teacher_acc" in teachers else teachers.iloc[0:0]
     xs = list(agg[_centre(x)])
@@ -712,11 +796,78 @@ def _accuracy_vs(agg, teachers, x, xlabel, title, colours, markers, *, teacher_x
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%, final, mean ± std over seeds)")
     ax.set_title(title, loc="left", fontsize="medium")
-    _legend(fig, colours, markers, agg["label"], agg["student"], extra)
+    _legend(fig, agg, extra)
     return fig
 
 
-def _data_access_figure(agg, teachers, title, colours, markers):
+def _point_name(row: pd.Series) -> str:
+    return f"{row['label']} · {row['student']}"
+
+
+def _label_points(ax, points: pd.DataFrame, x: str, fontsize: float = 7.0) -> None:
+    """Name each point (method · student) with a leader line to it, alternately above and below so neighbours do not
+    collide; the right half of the points is named to their left, so that no name runs off the axes."""
+    ordered = points.sort_values(_centre(x))
+    for i, (_, row) in enumerate(ordered.iterrows()):
+        xv, yv = row[_centre(x)], row["student_acc_mean"]
+        if not (np.isfinite(xv) and np.isfinite(yv)):
+            continue
+        above, left = i % 2 == 0, len(ordered) > 1 and i >= len(ordered) / 2
+        ax.annotate(_point_name(row), (xv, yv), xytext=(-10 if left else 10, 16 if above else -16), textcoords="offset points",
+                    fontsize=fontsize, ha="right" if left else "left", va="bottom" if above else "top", color="0.1", zorder=5,
+                    arrowprops=dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=0, shrinkB=4),
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.75))
+
+
+def _tradeoff_panel(ax, ok: pd.DataFrame, user: str, front: pd.DataFrame, teachers: pd.DataFrame,
+                    backend: LatencyBackend) -> None:
+    """One user's panel: every row faint, the rows the user may run by family, its front as a step line, named."""
+    x = "arch_latency_ms"
+    usable = usable_rows(ok, user)
+    ax.scatter(ok[_centre(x)], ok["student_acc_mean"], s=14, color="0.85", zorder=1)
+    _points(ax, usable, x)
+    if len(front):
+        ax.step(front[_centre(x)], front["student_acc_mean"], where="post", color="0.15", linewidth=1.3, zorder=2)
+        _label_points(ax, front, x)
+    for _, t in teachers.iterrows():
+        if np.isfinite(t.get(backend.teacher_column, np.nan)) and np.isfinite(t.get("teacher_acc", np.nan)):
+            ax.plot(t[backend.teacher_column], t["teacher_acc"], marker=TEACHER_MARKER, color="0.15", markersize=13,
+                    linestyle="none", zorder=4)
+    ax.set_title(f"user: {USER_ACCESS_TEXT.get(user, user)} ({len(usable)} of {len(ok)} rows)", loc="left",
+                 fontsize="medium")
+
+
+def _tradeoff_figure(ok: pd.DataFrame, teachers: pd.DataFrame, fronts: dict[str, pd.DataFrame],
+                     backend: LatencyBackend, xlabel: str):
+    """Accuracy vs latency, one panel per user (:func:`user_columns`), shared axes; the legend below the panels."""
+    from matplotlib.lines import Line2D
+
+    users = list(fronts)
+    ncols = min(len(users), 3)
+    nrows = -(-len(users) // ncols)
+    fig, axes = _figure(4.6 * ncols, 3.9 * nrows + 0.9, ncols=ncols, nrows=nrows, sharex=True, sharey=True)
+    flat = list(axes.flat)
+    for ax, user in zip(flat, users):
+        _tradeoff_panel(ax, ok, user, fronts[user], teachers, backend)
+    for ax in flat[len(users):]:
+        ax.set_axis_off()
+    xs = list(ok[_centre("arch_latency_ms")]) + [t for t in teachers.get(backend.teacher_column, []) if np.isfinite(t)]
+    _log_if_wide(flat[0], xs, ratio=8.0)
+    flat[0].margins(x=0.12, y=0.1)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%, final)")
+    extra = [Line2D([], [], color="0.85", marker="o", linestyle="none", label="rows this user may not run"),
+             Line2D([], [], color="0.15", linewidth=1.3, label="Pareto front (named)")]
+    if any(np.isfinite(t) for t in teachers.get(backend.teacher_column, [])):
+        extra.append(Line2D([], [], color="0.15", marker=TEACHER_MARKER, markersize=11, linestyle="none", label="teacher"))
+    handles = _family_handles(ok) + extra
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), frameon=False)
+    return fig
+
+
+def _data_access_figure(agg, teachers, title):
     fig, axes = _figure(11.5, 4.6, ncols=2)
     ax, ax2 = axes[0]
     present = access_levels(agg["data_access"])
@@ -725,8 +876,9 @@ def _data_access_figure(agg, teachers, title, colours, markers):
         offsets = np.linspace(-0.3, 0.3, len(group)) if len(group) > 1 else [0.0]
         for off, (_, row) in zip(offsets, group.iterrows()):
             if np.isfinite(row["student_acc_mean"]):
-                ax.errorbar(ci + off, row["student_acc_mean"], yerr=_nan0(row["student_acc_std"]), fmt=markers[row["student"]],
-                            color=colours[row["label"]], markersize=8, capsize=3, markeredgecolor="white", zorder=3)
+                family = _family(row)
+                ax.errorbar(ci + off, row["student_acc_mean"], yerr=_nan0(row["student_acc_std"]), fmt=family.marker,
+                            color=family.colour, markersize=8, capsize=3, markeredgecolor="white", zorder=3)
     for ci in range(len(present) - 1):
         ax.axvline(ci + 0.5, color="0.85", linewidth=0.8)
     ax.set_xticks(range(len(present)), [DATA_ACCESS_TEXT.get(a, a) for a in present])
@@ -737,7 +889,7 @@ def _data_access_figure(agg, teachers, title, colours, markers):
     ax.set_title(f"{title}: by data access", loc="left", fontsize="medium")
     has_counts = agg["real_samples_used_mean"].notna().any()
     if has_counts:
-        _points(ax2, agg, "real_samples_used", colours, markers, xerr=False)
+        _points(ax2, agg, "real_samples_used", xerr=False)
         ax2.set_xscale("symlog", linthresh=1)
         ax2.set_xlim(left=-0.5)
         ax2.set_xlabel("real training images of this dataset read (count, symlog)")
@@ -752,7 +904,7 @@ def _data_access_figure(agg, teachers, title, colours, markers):
             for a in (ax, ax2) if has_counts else (ax,):
                 a.axhline(t["teacher_acc"], color="0.15", linewidth=1, linestyle=LINESTYLES[(i + 1) % len(LINESTYLES)], zorder=1)
         extra = _teacher_handles(teachers.dropna(subset=["teacher_acc"]), as_line=True)
-    _legend(fig, colours, markers, agg["label"], agg["student"], extra)
+    _legend(fig, agg, extra)
     return fig
 
 
@@ -909,18 +1061,19 @@ def _steps(row: pd.Series) -> str:
 TABLE_TEXT_HEADERS = ("pair", "method", "data", "budget (stopped by)", "overrides (vs the method's preset)", "collapsed")
 
 
-def table_rows(agg: pd.DataFrame, show_best: bool,
-               collapsed: dict[tuple[str, str], int] | None = None) -> tuple[list[str], list[list[str]], list[bool]]:
+def table_rows(agg: pd.DataFrame, show_best: bool, collapsed: dict[tuple[str, str], int] | None = None,
+               backend: str = "eager") -> tuple[list[str], list[list[str]], list[bool]]:
     """Header, formatted rows and which rows hold the best final accuracy of their pair.
 
-    ``collapsed``: ``{(pair, label): seeds whose generator collapsed}`` adds a column when given."""
+    ``collapsed``: ``{(pair, label): seeds whose generator collapsed}`` adds a column when given; ``backend``: the
+    latency backend of ``arch_latency_ms_*``, named in its header."""
     header = ["pair", "method", "data", "seeds ok", "final test acc %", "val acc %"]
     if show_best:
         header.append("best-on-test acc % (paper protocol)")
     if collapsed is not None:
         header.append("collapsed")
     header += ["budget (stopped by)", "overrides (vs the method's preset)", "student steps", "teacher queries",
-               "distill s", "real samples", "params", "MACs", "latency ms (CPU, b=1, per student arch)"]
+               "distill s", "real samples", "params", "MACs", f"latency ms ({backend}, b=1, per student arch)"]
     agg = agg.sort_values(["pair", "student_acc_mean", "label"], ascending=[True, False, True], na_position="last")
     best = agg.groupby("pair")["student_acc_mean"].transform("max")
     rows, flags = [], []
@@ -967,6 +1120,45 @@ def latency_budget_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
+def decision_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The report's first table, wide: one row per latency budget, one column per user; each cell the best student
+    and method under that budget for that user with its final test accuracy, mean ± std over its n seeds."""
+    users = list(dict.fromkeys(table["user_access"]))
+    header = ["latency ≤ ms"] + [USER_ACCESS_TEXT.get(u, u) for u in users]
+    rows = []
+    for budget, group in table.groupby("latency_budget_ms", sort=True):
+        by_user = {r["user_access"]: r for _, r in group.iterrows()}
+        cells = [f"{budget:.3g}"]
+        for user in users:
+            r = by_user.get(user)
+            if r is None or not isinstance(r.get("label"), str):
+                cells.append("–")
+                continue
+            seeds = int(r["n_ok"])
+            cells.append(f"{r['student']} · {r['label']}: {_pm(r['student_acc_mean'], r['student_acc_std'])} "
+                         f"(n={seeds})")
+        rows.append(cells)
+    return header, rows
+
+
+def latency_vs_macs(points: pd.DataFrame) -> list[str]:
+    """Where the latency ranking of the student architectures is not monotone in their MACs: for each architecture
+    that is faster than one with fewer MACs, a sentence naming both. Empty: monotone."""
+    arch = (points.dropna(subset=["arch_latency_ms_median", "macs_mean"])
+            .drop_duplicates("student").sort_values(["macs_mean", "arch_latency_ms_median"]))
+    breaks = []
+    fewer = []
+    for _, row in arch.iterrows():
+        slower = [r for r in fewer if r["arch_latency_ms_median"] > row["arch_latency_ms_median"] and r["macs_mean"] < row["macs_mean"]]
+        if slower:
+            worst = max(slower, key=lambda r: r["arch_latency_ms_median"])
+            breaks.append(f"{row['student']} ({_si(row['macs_mean'])} MACs, {row['arch_latency_ms_median']:.3g} ms) runs "
+                          f"faster than {worst['student']} ({_si(worst['macs_mean'])} MACs, "
+                          f"{worst['arch_latency_ms_median']:.3g} ms)")
+        fewer.append(row)
+    return breaks
+
+
 def best_at_budget_rows(table: pd.DataFrame, axis: str) -> tuple[list[str], list[list[str]]]:
     """Wide: one row per budget, one column per user data-access level, the winner with its mean and seeds."""
     levels = access_levels(table["user_access"])
@@ -1002,6 +1194,8 @@ def _teacher_line(t: pd.Series) -> str:
         parts.append(f"{_si(t['teacher_macs'])} MACs")
     if np.isfinite(t.get("teacher_latency_ms", np.nan)):
         parts.append(f"{t['teacher_latency_ms']:.3f} ms CPU latency")
+    if np.isfinite(t.get("teacher_ort_latency_ms", np.nan)):
+        parts.append(f"{t['teacher_ort_latency_ms']:.3f} ms on ONNX Runtime")
     return f"teacher {t['teacher']}: " + (", ".join(parts) or "no metrics recorded")
 
 
@@ -1010,8 +1204,35 @@ def _slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- render
-def render(results_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of ``results_dir`` into ``out`` (default ``<results_dir>/report``); return ``out``."""
+def choose_backend(df: pd.DataFrame, name: str | None = None) -> LatencyBackend:
+    """The latency backend the trade-off figure and the decision tables use: ``name`` (an error when it is unknown or
+    runs.csv has none of its figures), else ONNX Runtime where the rows carry its figures, else eager PyTorch."""
+    if name is not None:
+        backend = BACKENDS.get(name)
+        if not (df["status"] == "ok").any() or df.loc[df["status"] == "ok", backend.median].notna().any():
+            return backend
+        raise ReportError(f"--latency-backend {name}: runs.csv has no {backend.median} values (timed only where "
+                          f"{backend.title} is installed; {backend.missing() or 'it is installed here'}); "
+                          f"valid here: {', '.join(n for n, b in BACKENDS.items() if df[b.median].notna().any()) or 'none'}")
+    ort = BACKENDS.get("onnxruntime")
+    return ort if df[ort.median].notna().any() else BACKENDS.get("eager")
+
+
+def _latency_text(df: pd.DataFrame, dataset: str, backend: LatencyBackend) -> str:
+    """Which backend, settings and machine the latencies of ``dataset`` were taken on, for captions."""
+    rows = df[(df["dataset"] == dataset) & (df["status"] == "ok")]
+    threads = sorted({int(t) for t in rows["latency_threads"].dropna()})
+    cpus = sorted(set(rows["cpu"]) - {""})
+    thread_text = f"{', '.join(map(str, threads))} thread{'s' if threads != [1] else ''}" if threads else "threads not recorded"
+    return (f"{backend.title}, batch 1, median over timed blocks, {thread_text}, on "
+            f"{'; '.join(cpus) if cpus else 'an unrecorded CPU'}")
+
+
+def render(results_dir: Path, out: Path | None = None, latency_backend: str | None = None) -> Path:
+    """Write the report of ``results_dir`` into ``out`` (default ``<results_dir>/report``); return ``out``.
+
+    ``latency_backend``: the :data:`bench.latency.BACKENDS` name whose latencies the trade-off figure and the
+    decision tables use (default: :func:`choose_backend`)."""
     results_dir = Path(results_dir)
     df, notes = load_runs(results_dir)
     grid = _grid_info(results_dir)
@@ -1032,10 +1253,10 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
                     stale.unlink()
         folder.mkdir(parents=True, exist_ok=True)
 
-    agg = aggregate(df)
+    backend = choose_backend(df, latency_backend)
+    agg = aggregate(df, backend)
     teachers = teachers_of(df)
     colours = method_colours(df["label"])
-    markers = student_markers(df["student"])
     curves = load_curves(df, results_dir)
     anytime = load_anytime(df, results_dir)
     if not len(anytime) and (df["status"] == "ok").any():
@@ -1044,7 +1265,7 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
     sections = []
     with _style():
         for dataset in sorted(df["dataset"].unique()):
-            sections.append(_dataset_section(dataset, df, agg, teachers, curves, anytime, colours, markers, results_dir,
+            sections.append(_dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backend, results_dir,
                                              plots_dir, samples_dir))
     agg.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     for name, attribute in (("best_at_budget", "best_at_budget"), ("latency_budget", "latency_budget")):
@@ -1077,7 +1298,7 @@ BEST_AT_BUDGET_TEXT = (
     "headline result stays the final test accuracy of the pair × method table.")
 
 
-def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, markers, results_dir, plots_dir,
+def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backend, results_dir, plots_dir,
                      samples_dir) -> Section:
     part = agg[agg["dataset"] == dataset]
     ok = part[part["n_ok"] > 0]
@@ -1086,7 +1307,6 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
     blocks = section.blocks
     slug = _slug(dataset)
     title = dataset
-    blocks += [Block("text", _teacher_line(t)) for _, t in tea.iterrows()]
 
     def draw(name, plot_title, caption, make) -> Plot:
         plot = Plot(name=f"{name}_{slug}", title=plot_title, caption=caption)
@@ -1102,7 +1322,7 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
     section.collapses = collapse_flags(part_curves)
     collapsed = section.collapses.groupby(["pair", "label"]).size().to_dict() if len(section.collapses) else None
     show_best = part["student_acc_best_mean"].notna().any()
-    header, rows, flags = table_rows(part, show_best, collapsed)
+    header, rows, flags = table_rows(part, show_best, collapsed, backend.name)
     text_cols = tuple(i for i, h in enumerate(header) if h in TABLE_TEXT_HEADERS)
     pair_method = [
         Block("heading", "Pair × method", anchor=f"table-{slug}", nav="table"),
@@ -1123,49 +1343,25 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
         blocks += pair_method
         return _finish(section)
     if has("arch_latency_ms"):
-        section.fronts = access_fronts(ok, "arch_latency_ms_median", "student_acc_mean")
-        teacher_lat = "teacher_latency_ms" in tea and tea["teacher_latency_ms"].notna().any()
-        threads = df.loc[df["dataset"] == dataset, "latency_threads"].dropna().unique()
-        thread_text = f", {int(threads[0])} thread{'s' if threads[0] != 1 else ''}" if len(threads) == 1 else ""
-        levels = list(section.fronts)
-        draw("tradeoff", "Accuracy vs CPU latency",
-             "Final test accuracy (error bars: std over seeds) against the CPU latency (batch 1, median; error bars: "
-             "the interquartile range) of the student architecture, timed once per architecture, since the method "
-             "only changes the weights. "
-             + (f"One Pareto front per data-access level of the user ({', '.join(levels)}): the methods a user with "
-                "that much data may run (none < alt < few < full), none of them beaten on both axes by another. "
-                if len(levels) > 1 else "The step line is the Pareto front (no other point is both faster and more accurate). ")
-             + ("The star is the teacher." if teacher_lat else
-                "The teacher's accuracy is a horizontal line (runs.csv has no teacher latency)."),
-             lambda: _accuracy_vs(ok, tea, "arch_latency_ms", f"CPU latency (ms per image, batch 1, median{thread_text})",
-                                  f"{title}: accuracy vs CPU latency", colours, markers,
-                                  teacher_x="teacher_latency_ms", fronts=section.fronts))
-        fh, fr = front_rows(section.fronts)
-        blocks += [Block("heading", "Pareto fronts per data access (accuracy vs CPU latency)"),
-                   Block("table", header=fh, rows=fr, label_col=2, left=(0, 1, 2, 3))]
-        section.latency_budget = latency_budget_table(ok)
-        lh, lr = latency_budget_rows(section.latency_budget)
-        blocks += [Block("heading", "Best student under a latency budget", anchor=f"latency-{slug}", nav="latency budgets"),
-                   Block("text", "For each latency budget (the distinct student latencies) and each level of data "
-                         "access of the user: the student and method with the best mean final test accuracy among the "
-                         "students at or under that latency and the methods that level may run."),
-                   Block("table", header=lh, rows=lr, label_col=2, left=(1, 2, 3, 4))]
+        _tradeoff_blocks(section, df, ok, tea, backend, draw)
     else:
-        section.skipped.append("accuracy vs CPU latency (and its Pareto fronts, the latency-budget table): runs.csv "
-                               "has no latency_ms values")
+        section.skipped.append(f"the latency-budget table and accuracy vs latency (and its Pareto fronts): runs.csv "
+                               f"has no {backend.median} values")
+    blocks += [Block("text", _teacher_line(t)) for _, t in tea.iterrows()]
+    _api_queries_blocks(section, df, anytime[anytime["dataset"] == dataset], plots_dir, slug, title)
     blocks += pair_method
     if has("macs"):
         draw("macs", "Accuracy vs MACs", "Final test accuracy against multiply-accumulates for one image; the "
              "star is the teacher.",
              lambda: _accuracy_vs(ok, tea, "macs", "MACs per image (multiply-accumulates)", f"{title}: accuracy vs MACs",
-                                  colours, markers, teacher_x="teacher_macs"))
+                                  teacher_x="teacher_macs"))
     else:
         section.skipped.append("accuracy vs MACs: runs.csv has no macs values")
     if has("params"):
         draw("params", "Accuracy vs parameters", "Final test accuracy against the deployed student's parameter "
              "count; the star is the teacher.",
              lambda: _accuracy_vs(ok, tea, "params", "parameters (count)", f"{title}: accuracy vs parameters",
-                                  colours, markers, teacher_x="teacher_params"))
+                                  teacher_x="teacher_params"))
     else:
         section.skipped.append("accuracy vs parameters: runs.csv has no params values")
     if (ok["data_access"] != "?").any() or has("real_samples_used"):
@@ -1173,7 +1369,7 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
              "Left: by what each method may read (none = data-free, alt = out-of-domain real images, few = a few "
              "training samples, full = the whole training set). Right: by the number of this dataset's real "
              "training images actually read (0 for data-free and alternative-data methods).",
-             lambda: _data_access_figure(ok, tea, title, colours, markers))
+             lambda: _data_access_figure(ok, tea, title))
     else:
         section.skipped.append("accuracy vs real data used: runs.csv has no data_access or real_samples_used values")
     if has("distill_seconds"):
@@ -1182,25 +1378,11 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
              f"Final test accuracy against the wall-clock seconds of the distillation (on {device}); teacher "
              "training is not included.",
              lambda: _accuracy_vs(ok, tea, "distill_seconds", f"distillation time (s, wall clock on {device})",
-                                  f"{title}: accuracy vs distillation cost", colours, markers))
+                                  f"{title}: accuracy vs distillation cost"))
     else:
         section.skipped.append("accuracy vs distillation cost: runs.csv has no distill_seconds values")
     _anytime_blocks(section, anytime[anytime["dataset"] == dataset], colours, plots_dir, slug, title)
-    if len(part_curves):
-        plot = Plot(name=f"curves_{slug}", title="Training curves",
-                    caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
-                            "mean over seeds, band = min–max over seeds; line style = teacher → student pair."
-                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} (dotted) "
-                               "the generator has collapsed (X: the first such step of a cell)."
-                               if (part_curves["key"] == "sample_std").any() else ""))
-        fig, omitted = _curves_figure(part_curves, title, colours, section.collapses)
-        _save(fig, plots_dir, plot)
-        if omitted:
-            plot.caption += f" Not shown (more than {MAX_CURVE_PANELS} scalars): {', '.join(omitted)}."
-        section.plots.append(plot)
-        blocks.append(Block("figure", plot=plot))
-    else:
-        section.skipped.append("training curves: no cells/<cell_id>/curve.jsonl found")
+    _curves_blocks(section, part_curves, colours, plots_dir, slug, title)
     rows = df[(df["dataset"] == dataset) & (df["status"] == "ok") & (df["cell_id"] != "")]
     for (label, pair), group in rows.sort_values("seed").groupby(["label", "pair"], sort=True):
         for _, row in group.iterrows():
@@ -1214,6 +1396,88 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, marke
     if section.samples:
         blocks += [Block("heading", "Generated / synthesised samples"), Block("samples", items=section.samples)]
     return _finish(section)
+
+
+DECISION_TEXT = (
+    "Which student and method to deploy under a latency budget: for each budget (the distinct student latencies) and "
+    "each user, the most accurate student at or under that latency among the methods the user may run; accuracy is "
+    "the final test accuracy, mean ± std over the n seeds that finished. A user with more data may run every method "
+    "needing less (none < alt < few < full); the API-teacher user has no data and only the teacher's outputs or "
+    "labels (rows with teacher_access outputs/labels and data_access none).")
+
+
+def _tradeoff_blocks(section: Section, df: pd.DataFrame, ok: pd.DataFrame, tea: pd.DataFrame, backend: LatencyBackend,
+                     draw) -> None:
+    """The report's answer, first in the section: the decision table, then accuracy vs latency per user with the named
+    Pareto fronts, whether latency follows MACs, and the fronts' table."""
+    slug, latency = _slug(section.dataset), _latency_text(df, section.dataset, backend)
+    section.latency_budget = latency_budget_table(ok)
+    dh, dr = decision_rows(section.latency_budget)
+    section.blocks += [Block("heading", "Which student for a latency budget?", anchor=f"latency-{slug}", nav="latency budgets"),
+                       Block("text", f"{DECISION_TEXT} Latency: {latency}."),
+                       Block("table", header=dh, rows=dr, left=tuple(range(1, len(dh))))]
+    section.fronts = access_fronts(ok, "arch_latency_ms_median", "student_acc_mean")
+    draw("tradeoff", f"Accuracy vs latency ({backend.title})",
+         f"Final test accuracy (error bars: std over seeds) against the latency of the student architecture ({latency}; "
+         "error bars: the interquartile range), timed once per architecture since the method only changes the weights. "
+         "One panel per user: in colour the methods that user may run, marked by family, grey the rest; the step line "
+         "is that user's Pareto front (none of its points is beaten on both axes), each front point named "
+         "method · student. The star is the teacher.",
+         lambda: _tradeoff_figure(ok, tea, section.fronts, backend, f"latency (ms per image, batch 1, {backend.name})"))
+    breaks = latency_vs_macs(ok)
+    section.blocks.append(Block("text", f"Latency ranking against MACs on {backend.title}: "
+                                + ("monotone (more MACs never ran faster)." if not breaks else
+                                   "not monotone: " + "; ".join(breaks) + ".")))
+    fh, fr = front_rows(section.fronts)
+    section.blocks += [Block("heading", "Pareto fronts per user (accuracy vs latency)"),
+                       Block("table", header=fh, rows=fr, left=(0, 1, 2, 3))]  # no method swatch: the figure colours families
+
+
+def _api_queries_blocks(section: Section, df: pd.DataFrame, anytime: pd.DataFrame, plots_dir: Path, slug: str,
+                        title: str) -> None:
+    """Validation accuracy against teacher queries (log axis) for the API-teacher rows, every pair in one figure,
+    so that black-box methods compare at equal queries."""
+    serves_api = pd.Series([is_api_teacher(a, t) for a, t in zip(df["data_access"], df["teacher_access"])], index=df.index)
+    api = df[(df["status"] == "ok") & (df["dataset"] == section.dataset) & serves_api]
+    part = anytime[anytime["cell_id"].isin(set(api["cell_id"]))]
+    if not len(part) or not (part["teacher_queries"] > 0).any():
+        section.skipped.append("accuracy vs teacher queries of the API-teacher methods: no such row (teacher_access "
+                               "outputs/labels with data_access none) has an anytime curve with teacher queries")
+        return
+    if part["pair"].nunique() > 1:
+        part = part.assign(label=part["label"] + " (" + part["pair"].str.split(" → ").str[-1] + ")")
+    plot = Plot(name=f"api_queries_{slug}", title="API teacher: validation accuracy vs teacher queries",
+                caption="The methods an API-teacher user may run (teacher_access outputs or labels, data_access none), "
+                        "every pair together: validation accuracy (not test) at the harness's compute checkpoints "
+                        "against the images sent to the teacher, log scale; line: mean over seeds, band: min–max, "
+                        "dotted: finished, its final value holds. Compare black-box methods at equal queries.")
+    _save(_anytime_figure(part, "teacher_queries", f"{title}: API-teacher methods vs teacher queries",
+                          method_colours(part["label"])), plots_dir, plot)
+    section.plots.append(plot)
+    section.blocks += [Block("heading", "API teacher: accuracy against teacher queries", anchor=f"api-{slug}",
+                             nav="API teacher"), Block("figure", plot=plot)]
+
+
+def _curves_blocks(section: Section, curves: pd.DataFrame, colours, plots_dir: Path, slug: str, title: str) -> None:
+    """The training curves, one figure per teacher → student pair (a pair runs at most ~10 methods, so a figure needs
+    no more colours than that; the whole grid in one figure would need one hue per method)."""
+    if not len(curves):
+        section.skipped.append("training curves: no cells/<cell_id>/curve.jsonl found")
+        return
+    for pair, part in curves.groupby("pair", sort=True):
+        plot = Plot(name=f"curves_{slug}_{_slug(pair)}", title=f"Training curves: {pair}",
+                    caption="The scalars each method logs (ctx.log), against its own iterations; one panel per scalar, "
+                            "mean over seeds, band = min–max over seeds."
+                            + (f" sample_std (one line per seed): the per-pixel std of a generated batch; below {COLLAPSE_STD:g} "
+                               "(dotted) the generator has collapsed (X: the first such step of a cell)."
+                               if (part["key"] == "sample_std").any() else ""))
+        collapses = section.collapses[section.collapses["pair"] == pair] if len(section.collapses) else section.collapses
+        fig, omitted = _curves_figure(part, f"{title}, {pair}", colours, collapses)
+        _save(fig, plots_dir, plot)
+        if omitted:
+            plot.caption += f" Not shown (more than {MAX_CURVE_PANELS} scalars): {', '.join(omitted)}."
+        section.plots.append(plot)
+        section.blocks.append(Block("figure", plot=plot))
 
 
 def _finish(section: Section) -> Section:
@@ -1321,7 +1585,8 @@ READING = ("Accuracy is the distilled student's final top-1 accuracy on the data
            "training set, the one on which choices may be made; it is not the test result. Best-on-test, where a "
            "method tracks it, is the best test-set evaluation during training, the protocol some papers report: it "
            "peeks at the test set and is optimistic, so it is shown only in the tables and labelled. Latency: CPU, "
-           "batch 1, median over repeated runs, timed once per student architecture. MACs: multiply-accumulates for "
+           "batch 1, median over repeated runs, timed once per student architecture, on the backend each section names "
+           "(ONNX Runtime's CPU provider where it was timed, else eager PyTorch; bench report --latency-backend). MACs: multiply-accumulates for "
            "one image (papers often call these FLOPs). Real samples: images of the teacher's own training set the "
            "method read. Teacher queries: images passed through the teacher during distillation. Data access "
            "levels form a chain none < alt < few < full: a user with a level may run every method needing no more.")
@@ -1411,14 +1676,14 @@ def _html(results_dir, out, df, notes, sections, grid, colours) -> str:
     for s in sections:
         links.append(f'<a href="#ds-{_slug(s.dataset)}">{_e(s.dataset)}</a>')
         links += [f'<a href="#{_e(b.anchor)}">{_e(b.nav)}</a>' for b in s.blocks if b.anchor and b.nav]
-    links += ['<a href="#failed">failed cells</a>', '<a href="#environment">environment</a>']
+    links += ['<a href="#reading">how to read</a>', '<a href="#failed">failed cells</a>', '<a href="#environment">environment</a>']
     body.append("<nav>" + " ".join(links) + "</nav>")
     body += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    body.append(f'<p class="muted">{_e(READING)}</p>')
     for s in sections:
         body.append(f'<section id="ds-{_slug(s.dataset)}"><h2>{_e(s.dataset)}</h2>')
         body += [_html_block(b, out, colours) for b in s.blocks]
         body.append("</section>")
+    body.append(f'<section id="reading"><h2>How to read this report</h2><p class="muted">{_e(READING)}</p></section>')
     failed = _failed(df, results_dir)
     body.append(f'<section id="failed"><h2>Failed cells ({len(failed)})</h2>')
     if failed:
@@ -1491,11 +1756,12 @@ def _markdown(results_dir, out, df, notes, sections, grid, colours) -> str:
         out += [f"_{grid['description']}_", ""]
     out += [_overview(df, grid), ""]
     out += [f"> {n}" for n in notes]
-    out += ["", READING, ""]
+    out.append("")
     for s in sections:
         out += [f"## {s.dataset}", ""]
         for b in s.blocks:
             out += _md_block(b)
+    out += ["## How to read this report", "", READING, ""]
     failed = _failed(df, results_dir)
     out += [f"## Failed cells ({len(failed)})", ""]
     if failed:

@@ -29,6 +29,12 @@ COLUMNS = [
     "teacher_queries", "teacher_queries_by", "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
     "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",
     "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "threads", "throughput",
+    # latency per backend (bench/latency.py), milliseconds per batch on the CPU with latency_threads threads, timed
+    # once per architecture after the cells: eager PyTorch batch 1 = latency_ms (median) and latency_iqr_ms (above),
+    # batch 64 = latency_b64_ms; ONNX Runtime's CPU provider (where installed) batch 1 = ort_latency_ms and
+    # ort_latency_iqr_ms, batch 64 = ort_latency_b64_ms; the teacher at batch 1 = teacher_latency_ms (eager, above)
+    # and teacher_ort_latency_ms
+    "latency_b64_ms", "ort_latency_ms", "ort_latency_iqr_ms", "ort_latency_b64_ms", "teacher_ort_latency_ms",
     "distill_seconds", "search_seconds", "iterations", "resumed", "peak_mem_mb", "device", "amp", "cpu", "torch",
     "git_commit", "git_dirty", "started", "finished", "method_params",
     *RECORD_ONLY,

@@ -73,6 +73,37 @@ def test_measure_latency_positive_and_threads_restored():
     assert model.training  # the caller's model is untouched (a copy is timed)
 
 
+def test_onnxruntime_latency_finite_at_batch_1_and_64():
+    from bench.metrics import measure_onnxruntime_latency, onnxruntime_missing
+
+    if onnxruntime_missing():
+        pytest.skip(f"ONNX Runtime latency not testable: {onnxruntime_missing()}")
+    model = create_model("mlp_30", 10, 1, 32)  # a tiny MLP (25K MACs): the test is about the timing, not the model
+    one, iqr = measure_onnxruntime_latency(model, (1, 32, 32), threads=1, min_run_time=0.05)
+    many, _ = measure_onnxruntime_latency(model, (1, 32, 32), threads=1, min_run_time=0.05, batch=64)
+    assert math.isfinite(one) and one > 0 and math.isfinite(iqr) and iqr >= 0
+    assert math.isfinite(many) and many > one  # 64 images take longer than one
+    assert model.training  # the caller's model is untouched (a copy is exported)
+    # the timed graph computes the model: the same logits (the MLP's 32 -> 28 px resize included)
+    from bench.metrics import _ort_session
+
+    x = torch.randn(4, 1, 32, 32)
+    logits = torch.from_numpy(_ort_session(model, (1, 32, 32), threads=1).run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(x), atol=1e-5)
+
+
+def test_onnxruntime_latency_without_the_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from bench import metrics
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"onnxruntime.*pip install"):
+        metrics.measure_onnxruntime_latency(create_model("mlp_30", 10, 1, 32), (1, 32, 32))
+
+
 def test_timed_copies_use_the_default_memory_format():
     model = create_model("lenet5_half", 10, 1, 32).to(memory_format=torch.channels_last)
     conv_weights = [p for p in model.parameters() if p.dim() == 4]

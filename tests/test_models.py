@@ -12,7 +12,8 @@ from bench.models import Classifier, create_model, features_and_logits, list_mod
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-BUILTIN = ["lenet5", "lenet5_half", "lenet5_quarter", "lenet5_double", "lenet5_triple", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+BUILTIN = ["lenet5", "lenet5_half", "lenet5_quarter", "lenet5_double", "lenet5_triple", "mlp_1200", "mlp_800", "mlp_100", "mlp_30",
+           "resnet8", "resnet8_w4", "resnet8_w8", "resnet14", "resnet14_w8", "resnet20", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
            "vgg11", "vgg13", "vgg16", "vgg11_bn", "vgg13_bn", "vgg16_bn"]
 
 
@@ -149,3 +150,39 @@ def test_third_party_unknown_names():
         create_model("torchvision:alexnet", 10, 3, 32)
     with pytest.raises(ValueError, match="unknown timm model"):
         create_model("timm:no_such_model", 10, 3, 32)
+
+
+@pytest.mark.parametrize("name, hidden", [("mlp_1200", 1200), ("mlp_800", 800)])
+def test_hintonnets_are_dafls_784_h_h_10(name, hidden):
+    model = create_model(name, 10, 1, 32)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, hidden), (hidden, hidden), (hidden, 10)]
+    assert count_params(model) == 784 * hidden + hidden + hidden * hidden + hidden + hidden * 10 + 10
+    # the 32-px input of the harness is resized to 28 px inside the model; a 28-px image passes as it is
+    x28 = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x28), model.forward_head(model.forward_features(x28)))
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name, depth, width", [("resnet8_w4", 8, 4), ("resnet14_w8", 14, 8), ("resnet20", 20, 16)])
+def test_thin_resnets_have_6n_plus_2_layers(name, depth, width):
+    model = create_model(name, 10, 1, 32)
+    weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                and not (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))]  # 1x1 shortcuts are not counted
+    assert len(weighted) == depth and model.conv1.out_channels == width and model.feature_dim == 4 * width
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_thin_resnet_depth_must_be_6n_plus_2():
+    from bench.models import ThinResNetSpec
+
+    with pytest.raises(ValueError, match="6n\\+2"):
+        ThinResNetSpec(10)
+
+
+def test_model_card_shows_params_macs_and_batchnorm():
+    from bench.models import model_card
+
+    card = model_card("mlp_800")
+    assert card.params == 1_276_810 and card.macs == 784 * 800 + 800 * 800 + 800 * 10 and not card.batch_norm
+    assert model_card("resnet8_w8").batch_norm and model_card("lenet5").macs == 416_520

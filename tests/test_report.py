@@ -126,12 +126,15 @@ def test_files(rendered):
     _, out = rendered
     assert (out / "index.html").stat().st_size > 10_000
     assert (out / "report.md").is_file() and (out / "summary.csv").is_file()
-    names = {"fashion_mnist": ("tradeoff", "macs", "params", "data_access", "cost", "curves",
+    names = {"fashion_mnist": ("tradeoff", "macs", "params", "data_access", "cost", "curves_fashion_mnist_lenet5_lenet5_half",
+                               "curves_fashion_mnist_lenet5_pruned_l1_0.5",
                                "anytime_queries_fashion_mnist_lenet5_lenet5_half", "anytime_seconds_fashion_mnist_lenet5_pruned_l1_0.5"),
-             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves", "anytime_queries_digits_lenet5_lenet5_half")}
+             "digits": ("tradeoff", "macs", "params", "data_access", "cost", "curves_digits_lenet5_lenet5_half",
+                        "anytime_queries_digits_lenet5_lenet5_half",
+                        "api_queries")}
     for dataset, plots in names.items():
         for plot in plots:
-            stem = plot if plot.startswith("anytime") else f"{plot}_{dataset}"
+            stem = plot if plot.startswith(("anytime", "curves")) else f"{plot}_{dataset}"
             png, svg = out / "plots" / f"{stem}.png", out / "plots" / f"{stem}.svg"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
             assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()[:2000], svg
@@ -140,7 +143,8 @@ def test_files(rendered):
     best = pd.read_csv(out / "best_at_budget.csv")
     assert set(best["axis"]) == {"teacher_queries", "seconds"} and set(best["dataset"]) == {"fashion_mnist", "digits"}
     assert (best["val_acc_mean"].dropna() < 100).all()
-    assert set(pd.read_csv(out / "latency_budget.csv")["user_access"]) == {"none", "alt", "few", "full"}
+    # kd_noise (teacher outputs, no data) serves the API-teacher user: the table has a column for it
+    assert set(pd.read_csv(out / "latency_budget.csv")["user_access"]) == {"none", "alt", "few", "full", "api"}
 
 
 def test_html_structure(rendered):
@@ -150,7 +154,9 @@ def test_html_structure(rendered):
                    "environment"):
         assert f'id="{anchor}"' in page
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == (6 + 4) + (6 + 2) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    # per dataset: 5 figures + the API-teacher figure + per pair its training curves and 2 anytime figures (fashion_mnist
+    # 2 pairs, digits 1); 2 sample grids
+    assert len(images) == (6 + 2 * 3) + (6 + 1 * 3) + 2 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "src=\"plots/" not in page and "src=\"samples/" not in page  # self-contained
     section = _section(page, "fashion_mnist")
     table = _table_after(section, 'id="table-fashion_mnist"')
@@ -241,7 +247,7 @@ def test_markdown_links_exist(rendered):
 def test_fronts_per_access_level_in_the_report(rendered):
     _, out = rendered
     section = _section((out / "index.html").read_text(), "fashion_mnist")
-    fronts = _table_after(section, "Pareto fronts per data access")
+    fronts = _table_after(section, "Pareto fronts per user")
     by_level = {}
     for row in fronts[1:]:
         by_level.setdefault(row[0], []).append((row[1], row[2]))
@@ -249,12 +255,16 @@ def test_fronts_per_access_level_in_the_report(rendered):
     assert by_level["data-free (none)"] == [("lenet5 → lenet5_half", "dafl")]
     assert by_level["≤ few samples"] == [("lenet5 → lenet5_half", "dafl"), ("lenet5 → pruned:l1:0.5", "fskd")]
     assert by_level["≤ full (any method)"] == [("lenet5 → lenet5_half", "kd"), ("lenet5 → pruned:l1:0.5", "kd")]
+    assert by_level["API teacher (no data)"][0] == ("lenet5 → lenet5_half", "kd_noise")
+    # the report's first table: the decision table, before the trade-off figure and the pair x method table
+    assert section.index('id="latency-fashion_mnist"') < section.index("fig-tradeoff") < section.index('id="table-fashion_mnist"')
     latency = _table_after(section, 'id="latency-fashion_mnist"')
-    assert latency[0][:3] == ["latency ≤ ms", "user's data access", "method"]
-    fast = [r for r in latency[1:] if r[0] == "0.071"]
+    assert latency[0] == ["latency ≤ ms", "data-free (none)", "≤ alt (other real data)", "≤ few samples",
+                          "≤ full (any method)", "API teacher (no data)"]
+    fast = latency[1]  # the fastest budget: only the lenet5_half rows fit
     # kd_alt (alt data) is worse than dafl on the fast student: users with alt or few data do best with dafl
-    assert [(r[1], r[2]) for r in fast] == [("data-free (none)", "dafl"), ("≤ alt (other real data)", "dafl"),
-                                            ("≤ few samples", "dafl"), ("≤ full (any method)", "kd")]
+    assert [cell.split(":")[0] for cell in fast[1:]] == ["lenet5_half · dafl"] * 3 + ["lenet5_half · kd", "lenet5_half · kd_noise"]
+    assert fast[4].endswith("86.30 ± 0.25 (n=2)")
 
 
 def test_old_format_csv_renders(tmp_path):
@@ -275,24 +285,26 @@ def test_old_format_csv_renders(tmp_path):
     # per-cell latencies of old runs are pooled per architecture: the median of the 10 lenet5_half cells
     old = pd.read_csv(OLD_FIXTURE)
     half = old[(old["dataset"] == "fashion_mnist") & (old["student"] == "lenet5_half")]["latency_ms"]
-    assert kd[col["latency ms (CPU, b=1, per student arch)"]].startswith(f"{half.median():.3f} (IQR ")
+    assert kd[col["latency ms (eager, b=1, per student arch)"]].startswith(f"{half.median():.3f} (IQR ")
     env = page.split('id="environment"')[1]
     assert re.search(r"git tree</th><td[^>]*>– \(not recorded\)", env)
     assert re.search(r"cells resumed after a stop</th><td[^>]*>– \(not recorded\)", env)
-    assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts per data access" in page
+    assert (out / "plots" / "tradeoff_fashion_mnist.png").is_file() and "Pareto fronts per user" in page
 
 
 def test_csv_without_optional_columns(tmp_path):
     frame = pd.read_csv(FIXTURE, dtype=str, keep_default_na=False)
-    frame = frame.drop(columns=["latency_ms", "latency_iqr_ms", "macs", "student_acc_best", "best_protocol", "cpu",
-                                "git_commit", "label"])
+    frame = frame.drop(columns=["latency_ms", "latency_iqr_ms", "ort_latency_ms", "ort_latency_iqr_ms", "macs",
+                                "student_acc_best", "best_protocol", "cpu", "git_commit", "label"])
     frame = frame[(frame["status"] == "ok") & (frame["dataset"] == "digits")]
     small = tmp_path / "small.csv"
     frame.to_csv(small, index=False)
     out = render(make_results(tmp_path / "results", small), tmp_path / "out")
     page = (out / "index.html").read_text()
-    assert "runs.csv lacks the column(s) label, student_acc_best, best_protocol, macs, latency_ms, latency_iqr_ms, cpu, git_commit" in page
-    assert "accuracy vs CPU latency (and its Pareto fronts, the latency-budget table): runs.csv has no latency_ms values" in page
+    assert ("runs.csv lacks the column(s) label, student_acc_best, best_protocol, macs, latency_ms, latency_iqr_ms, "
+            "ort_latency_ms, ort_latency_iqr_ms, cpu, git_commit") in page
+    assert ("the latency-budget table and accuracy vs latency (and its Pareto fronts): runs.csv has no latency_ms "
+            "values") in page
     assert "accuracy vs MACs: runs.csv has no macs values" in page
     assert "best-on-test" not in page.split('id="table-digits"')[1]
     assert not (out / "plots" / "tradeoff_digits.png").exists() and (out / "plots" / "params_digits.png").exists()
@@ -499,3 +511,68 @@ def test_overrides_fall_back_to_the_other_rows_for_unregistered_methods():
                                          _method_params("kd", "digits", "digits").replace('"lr": 0.001', '"lr": 0.5')]})
     overrides = report.method_overrides(df)
     assert overrides.tolist() == ["width=8 (vs other rows)", "width=16 (vs other rows)", "lr=0.5"]
+
+
+# ---------------------------------------------------------------------------------------------- decision table
+DECISION_METHODS = {"kd": ("full", "outputs"), "fskd": ("few", "features"), "dafl": ("none", "gradients"),
+                    "kd_noise": ("none", "outputs"), "student_only": ("full", "none")}
+USERS = {"data-free (none)": lambda a, t: a == "none", "≤ few samples": lambda a, t: a in ("none", "few"),
+         "≤ full (any method)": lambda a, t: True, "API teacher (no data)": lambda a, t: a == "none" and t == "outputs"}
+
+
+def _constructed_runs(folder: Path) -> pd.DataFrame:
+    """A runs.csv of 5 students x 5 methods x 3 seeds with seeded random accuracies and ONNX Runtime latencies."""
+    from bench.store import COLUMNS
+
+    rng = np.random.default_rng(7)
+    students = {f"s{i}": (0.01 * 2 ** i, 1000 * 3 ** i) for i in range(5)}  # name -> (ort latency ms, MACs)
+    rows = []
+    for student, (latency, macs) in students.items():
+        for method, (data, teacher) in DECISION_METHODS.items():
+            base = rng.uniform(20, 90)
+            for seed in range(3):
+                row = dict.fromkeys(COLUMNS, "")
+                row.update(cell_id=f"{student}-{method}-{seed}", status="ok", dataset="fashion_mnist", teacher="lenet5_bn",
+                           student=student, method=method, label=method, seed=seed, data_access=data,
+                           teacher_access=teacher, student_acc=round(base + rng.normal(0, 2), 2), teacher_acc=90.0,
+                           params=macs // 10, macs=macs, arch_id=f"arch-{student}", input_shape="[1, 32, 32]",
+                           latency_ms=0.2, latency_iqr_ms=0.01, ort_latency_ms=latency, ort_latency_iqr_ms=latency / 20,
+                           latency_threads=1, cpu="test CPU")
+                rows.append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(folder / "runs.csv", index=False)
+    return frame
+
+
+def test_decision_table_cells_are_the_true_maxima_under_each_budget(tmp_path):
+    frame = _constructed_runs(tmp_path / "results")
+    out = render(tmp_path / "results", tmp_path / "out")
+    table = _table_after(_section((out / "index.html").read_text(), "fashion_mnist"), 'id="latency-fashion_mnist"')
+    header, rows = table[0], table[1:]
+    assert header == ["latency ≤ ms", *USERS]
+    means = frame.groupby(["student", "label", "data_access", "teacher_access"]).agg(
+        acc=("student_acc", "mean"), std=("student_acc", "std"), n=("seed", "size"), latency=("ort_latency_ms", "first")
+    ).reset_index()
+    budgets = sorted(means["latency"].unique())
+    assert [float(r[0]) for r in rows] == pytest.approx(budgets, rel=1e-3)  # ONNX Runtime latencies: the default
+    for budget, row in zip(budgets, rows):
+        for user, cell in zip(USERS.values(), row[1:]):
+            serves = np.array([user(a, t) for a, t in zip(means["data_access"], means["teacher_access"])])
+            allowed = means[(means["latency"] <= budget).to_numpy() & serves]
+            best = allowed.loc[allowed["acc"].idxmax()]
+            assert cell == f"{best['student']} · {best['label']}: {best['acc']:.2f} ± {best['std']:.2f} (n=3)", (budget, cell)
+    page = (out / "index.html").read_text()
+    assert "ONNX Runtime (CPU execution provider), batch 1, median over timed blocks, 1 thread, on test CPU" in page
+    # the other backend on request: every row's eager latency is the same, so one budget row
+    eager = render(tmp_path / "results", tmp_path / "eager", latency_backend="eager")
+    rows = _table_after(_section((eager / "index.html").read_text(), "fashion_mnist"), 'id="latency-fashion_mnist"')[1:]
+    assert len(rows) == 1 and rows[0][0] == "0.2"
+
+
+def test_latency_ranking_against_macs():
+    points = pd.DataFrame({"student": ["a", "b", "c"], "macs_mean": [1e3, 1e4, 1e5],
+                           "arch_latency_ms_median": [0.1, 0.3, 0.2]})
+    (sentence,) = report.latency_vs_macs(points)
+    assert sentence.startswith("c (100K MACs, 0.2 ms) runs faster than b (10K MACs, 0.3 ms)")
+    assert report.latency_vs_macs(points.assign(arch_latency_ms_median=[0.1, 0.2, 0.3])) == []

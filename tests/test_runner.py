@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from bench.cli import main
+from bench.latency import BACKENDS, available_backends
 from bench.store import COLUMNS, ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +89,16 @@ def test_grid_runs_resumes_and_reruns(tmp_path, grid_file, cache_dir):
     # no user checkpoint or pretrained weights, no data options
     required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset", "compute_cap", "stopped_by",
                                "search_seconds", "resumed", "teacher_checkpoint", "teacher_pretrained", "data_options"}
+    # the latency columns of a backend not installed here (ONNX Runtime without the export extra) stay empty
+    timed = {c for b in available_backends() for c in (*b.columns, b.teacher_column)}
+    required -= {c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)} - timed
+    assert {"latency_ms", "latency_b64_ms", "teacher_latency_ms"} <= timed
     for r in rows:
         assert not [c for c in required if r[c] == ""], r
+        # every timed backend's figures, in every row: finite, positive, batch 64 slower than batch 1
+        for b in available_backends():
+            median, iqr, b64 = (float(r[c]) for c in b.columns)
+            assert 0 < median < b64 < 1e4 and 0 <= iqr < 1e4 and float(r[b.teacher_column]) > 0, (b.name, r)
         assert (out / "cells" / r["cell_id"] / "config.json").is_file()
         assert (out / "cells" / r["cell_id"] / "curve.jsonl").is_file()
     by = {(r["method"], r["seed"]): r for r in rows}
@@ -153,7 +162,7 @@ def test_sigkill_mid_grid_then_resume_completes_only_missing_cells(tmp_path, gri
     rows = _rows(out)
     assert len(rows) == 8 and len({r["cell_id"] for r in rows}) == 8
     after = {r["cell_id"]: r for r in rows}
-    quiet = {"latency_ms", "latency_iqr_ms", "throughput", "teacher_latency_ms"}  # filled by the latency pass
+    quiet = {c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)} | {"throughput"}  # latency pass
     for cid, row in done_before.items():
         assert {k: v for k, v in after[cid].items() if k not in quiet} == {k: v for k, v in row.items() if k not in quiet}
 
@@ -200,3 +209,22 @@ def test_student_with_other_class_count_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="student outputs 100 classes but the teacher 10"):
         check_compatible(create_model("lenet5", 10, 1, 32).eval(), create_model("lenet5_half", 100, 1, 32), info,
                          torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_hintonnet_pair_trains_and_distils(tmp_path, cache_dir):
+    """DAFL's MNIST pair, HintonNet-1200 -> HintonNet-800 (784-1200-1200-10 -> 784-800-800-10), in a seconds-long cell:
+    the harness trains the MLP teacher on digits and Hinton KD distils it into the smaller MLP."""
+    grid = tmp_path / "mlp.yaml"
+    grid.write_text(GRID.replace("pairs: [{teacher: lenet5, student: lenet5_half}]", "pairs: [{teacher: mlp_1200, student: mlp_800}]")
+                    .replace("methods: [kd, {name: kd_noise, budget: 0.002}, kd_alt, student_only]", "methods: [kd]")
+                    .replace("seeds: [0, 1]", "seeds: [0]").replace("budget: 0.02", "budget: 0.3"))
+    out = tmp_path / "results"
+    result = _run(["run", "--grid", str(grid), "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu",
+                   "--no-progress", "--no-report"])
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "ok", row["error"]
+    assert row["teacher_params"] == "2395210" and row["params"] == "1276810" and row["macs"] == "1275200"
+    assert float(row["teacher_acc"]) > 85 and float(row["student_acc"]) > 80  # both learnt the 10 digits
+    assert float(row["latency_ms"]) > 0 and float(row["teacher_latency_ms"]) > 0
