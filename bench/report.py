@@ -172,13 +172,24 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return df, notes
 
 
+MAX_COLOURS = 8  # distinguishable colours a figure relies on; past them, line styles tell methods apart
+METHOD_DASHES = ("-", "--", "-.")  # ":" is kept for "finished: the final value holds"
+
+
 def method_colours(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per method label, stable: assigned in sorted label order."""
+    """One colour per method label, stable (sorted label order), from 8 colour-blind-safe colours: the
+    ninth label takes the first colour again, with the next line style (:func:`method_dashes`)."""
     import seaborn as sns
 
     names = sorted(set(labels))
-    palette = sns.color_palette("colorblind" if len(names) <= 10 else "husl", max(len(names), 1))
-    return {name: tuple(palette[i]) for i, name in enumerate(names)}
+    palette = sns.color_palette("colorblind", MAX_COLOURS)
+    return {name: tuple(palette[i % MAX_COLOURS]) for i, name in enumerate(names)}
+
+
+def method_dashes(labels: Iterable[str]) -> dict[str, str]:
+    """The line style that, with :func:`method_colours`, tells each method label apart."""
+    names = sorted(set(labels))
+    return {name: METHOD_DASHES[(i // MAX_COLOURS) % len(METHOD_DASHES)] for i, name in enumerate(names)}
 
 
 def access_rank(level: str) -> int:
@@ -923,6 +934,7 @@ def _anytime_figure(anytime: pd.DataFrame, x: str, title: str, colours):
     # each cell's last checkpoint joins the grid, so that a line reaches its final value before turning dotted
     grid = np.unique(np.concatenate([geometric_grid(lo, hi), ends[(ends >= lo) & (ends <= hi)].to_numpy(dtype=float)]))
     handles = []
+    dashes = method_dashes(anytime["label"])
     for label, curves in anytime.groupby("label", sort=True):
         band = anytime_band(curves, x, grid)
         end = curves.groupby("cell_id")[x].max().max()
@@ -933,7 +945,7 @@ def _anytime_figure(anytime: pd.DataFrame, x: str, title: str, colours):
         held = full & (np.arange(len(xs)) >= max(i_end, 0))
         colour = colours[label]
         if live.any():
-            ax.step(xs[live], mean[live], where="post", color=colour, linewidth=1.8, zorder=3)
+            ax.step(xs[live], mean[live], where="post", color=colour, linewidth=1.8, linestyle=dashes[label], zorder=3)
             if band["n_seeds"].iloc[0] > 1:
                 ax.fill_between(xs[live], band["min"].to_numpy()[live], band["max"].to_numpy()[live], step="post",
                                 color=colour, alpha=0.18, linewidth=0, zorder=2)
@@ -942,7 +954,7 @@ def _anytime_figure(anytime: pd.DataFrame, x: str, title: str, colours):
             ax.step(xs[held], mean[held], where="post", color=colour, linewidth=1.2, linestyle=":", zorder=3)
         note = " (no teacher queries)" if x == "teacher_queries" and end <= 0 else ""
         seeds = band["n_seeds"].iloc[0]
-        handles.append(Line2D([], [], color=colour, linewidth=1.8, label=f"{label}{note}, {seeds} seed{'s' if seeds != 1 else ''}"))
+        handles.append(Line2D([], [], color=colour, linewidth=1.8, linestyle=dashes[label], label=f"{label}{note}, {seeds} seed{'s' if seeds != 1 else ''}"))
     handles += [Line2D([], [], linestyle="none", label=""),
                 Line2D([], [], color="0.3", linewidth=1.8, marker="o", markersize=5, label="mean over seeds (● last checkpoint)"),
                 Line2D([], [], color="0.3", linewidth=1.2, linestyle=":", label="finished: final value holds"),
@@ -976,16 +988,23 @@ def _curves_figure(curves, title, colours, collapses=None):
     fig, axes = _figure(3.2 * ncols + 2.4, 2.7 * nrows + 0.4, ncols=ncols, nrows=nrows)
     pairs = sorted(curves["pair"].unique())
     styles = {p: LINESTYLES[i % len(LINESTYLES)] for i, p in enumerate(pairs)}
+    dashes = method_dashes(curves["label"])
+    if len(pairs) == 1:  # one pair per figure: the line style tells apart methods that share a colour
+        styles = {}
+
+    def style(label: str, pair: str) -> str:
+        return styles.get(pair) or dashes[label]
+
     for ax, key in zip(axes.flat, shown):
         part = curves[curves["key"] == key]
         if key == "sample_std":  # one line per seed: a mean would hide the one seed whose generator collapsed
             for (label, pair, _), group in part.groupby(["label", "pair", "cell_id"], sort=True):
                 group = group.sort_values("step")
-                ax.plot(group["step"], group["value"], color=colours[label], linestyle=styles[pair], linewidth=1.2,
+                ax.plot(group["step"], group["value"], color=colours[label], linestyle=style(label, pair), linewidth=1.2,
                         marker="o" if len(group) <= 2 else None, markersize=4)
         for (label, pair), group in part.groupby(["label", "pair"], sort=True) if key != "sample_std" else ():
             stats = group.groupby("step")["value"].agg(["mean", "min", "max"]).sort_index()
-            ax.plot(stats.index, stats["mean"], color=colours[label], linestyle=styles[pair], linewidth=1.5,
+            ax.plot(stats.index, stats["mean"], color=colours[label], linestyle=style(label, pair), linewidth=1.5,
                     marker="o" if len(stats) <= 2 else None, markersize=4)
             if group["seed"].nunique() > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colours[label], alpha=0.15, linewidth=0)
@@ -1008,8 +1027,9 @@ def _curves_figure(curves, title, colours, collapses=None):
         ax.set_ylabel(CURVE_YLABEL.get(key, f"{key} (value)"))
     for ax in list(axes.flat)[len(shown):]:
         ax.set_axis_off()
-    handles = [Line2D([], [], color=colours[m], label=m) for m in sorted(curves["label"].unique())]
-    if pairs:
+    handles = [Line2D([], [], color=colours[m], linestyle=dashes[m] if not styles else "-", label=m)
+               for m in sorted(curves["label"].unique())]
+    if styles:
         handles.append(Line2D([], [], linestyle="none", label=""))
         handles += [Line2D([], [], color="0.35", linestyle=styles[p], label=p) for p in pairs]
     if collapses is not None and len(collapses):

@@ -274,7 +274,8 @@ def test_old_format_csv_renders(tmp_path):
     old[old["dataset"] == "fashion_mnist"].to_csv(fashion, index=False)
     out = render(make_results(tmp_path / "results", fashion), tmp_path / "out")
     page = (out / "index.html").read_text()
-    assert "runs.csv lacks the column(s) compute_cap, validation, student_steps, stopped_by, student_acc_val" in page
+    assert ("runs.csv lacks the column(s) compute_cap, validation, teacher_outputs, teacher_queries_by, student_steps, "
+            "stopped_by, student_acc_val") in page
     assert "No cell has an anytime.jsonl" in page
     assert not list((out / "plots").glob("anytime_*")) and not (out / "best_at_budget.csv").exists()
     table = _table_after(_section(page, "fashion_mnist"), 'id="table-fashion_mnist"')
@@ -326,7 +327,10 @@ def test_unusable_results_are_clear_errors(tmp_path, content, needle):
 
 def test_method_colours_are_stable():
     assert report.method_colours(["kd", "dafl"]) == report.method_colours(["dafl", "kd", "kd"])
-    assert len(set(report.method_colours([f"m{i}" for i in range(14)]).values())) == 14
+    labels = [f"m{i}" for i in range(14)]
+    colours, dashes = report.method_colours(labels), report.method_dashes(labels)
+    assert len(set(colours.values())) == report.MAX_COLOURS == 8  # no figure relies on more than 8 colours
+    assert len({(colours[m], dashes[m]) for m in labels}) == 14  # colour and line style tell all 14 apart
 
 
 def test_cli_report_with_only_some_methods(tmp_path, monkeypatch):

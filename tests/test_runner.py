@@ -86,15 +86,18 @@ def test_grid_runs_resumes_and_reruns(tmp_path, grid_file, cache_dir):
     rows = _rows(out)
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     # empty by design here: no failure, no best-on-test protocol, no caps, no derived student, no resume,
-    # no user checkpoint or pretrained weights, no data options
+    # no user checkpoint or pretrained weights, no data options, no query tagged by purpose, and no API
+    # setting for the methods whose teacher access is not `outputs`
     required = set(COLUMNS) - {"error", "student_acc_best", "best_protocol", "preset", "compute_cap", "stopped_by",
-                               "search_seconds", "resumed", "teacher_checkpoint", "teacher_pretrained", "data_options"}
+                               "search_seconds", "resumed", "teacher_checkpoint", "teacher_pretrained", "data_options",
+                               "teacher_queries_by", "teacher_outputs"}
     # the latency columns of a backend not installed here (ONNX Runtime without the export extra) stay empty
     timed = {c for b in available_backends() for c in (*b.columns, b.teacher_column)}
     required -= {c for _, b in BACKENDS.items() for c in (*b.columns, b.teacher_column)} - timed
     assert {"latency_ms", "latency_b64_ms", "teacher_latency_ms"} <= timed
     for r in rows:
         assert not [c for c in required if r[c] == ""], r
+        assert r["teacher_outputs"] == ("logits" if r["teacher_access"] == "outputs" else ""), r
         # every timed backend's figures, in every row: finite, positive, batch 64 slower than batch 1
         for b in available_backends():
             median, iqr, b64 = (float(r[c]) for c in b.columns)
