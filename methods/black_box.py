@@ -11,8 +11,9 @@ so the generator cannot back-propagate through the teacher:
 - :func:`forward_difference_gradient`: the forward-difference gradient estimate on random unit
   directions (DFME's ``estimate_gradient_objective``), generic over a per-sample loss;
 - :func:`milestones_at`: DFME's learning-rate steps, given as fractions of the run;
-- :class:`DFMEConfig` and the presets of the official scripts (see :mod:`methods.dfme`), which the
-  hard-label variant shares.
+- :class:`DFMEConfig` and the presets of the official scripts (see :mod:`methods.dfme`), and
+  :func:`dfme_game` (generator, optimisers, schedules and the length of the run), which the hard-label
+  variant shares.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from bench.config import ConfigError
 from bench.method import MethodConfig
+from methods.adversarial import make_scheduler
 from methods.generator import DAFLGenerator
 
 
@@ -137,3 +139,39 @@ class DFMEConfig(MethodConfig):
     def queries_per_round(self) -> int:
         """Teacher queries of one round: ``batch x (g_iter x (grad_m + 1) + d_iter)`` (train.py)."""
         return self.batch_size * (self.g_iter * (self.grad_m + 1) + self.d_iter)
+
+
+@dataclass
+class DFMEGame:
+    """The state DFME's round loop trains (see :func:`dfme_game`); ``total`` is the run's student steps."""
+
+    generator: DFMEGenerator
+    student: torch.nn.Module
+    opt_s: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer
+    sched_s: torch.optim.lr_scheduler.LRScheduler
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    total: int
+
+    def opens_round(self, step: int, d_iter: int) -> bool:
+        """Whether student step ``step`` (1-based) is the first of a round: the generator's turn comes first."""
+        return (step - 1) % d_iter == 0
+
+
+def dfme_game(cfg: DFMEConfig, ctx, student: torch.nn.Module) -> DFMEGame:
+    """The run's length in student steps (``query_budget`` scaled by the grid, in rounds of
+    ``cfg.queries_per_round`` queries, cut to the cell's caps), DFME's generator, the student's SGD and the
+    generator's Adam with the ``steps`` milestones; everything tracked for in-cell checkpoints."""
+    info, device = ctx.info, ctx.device
+    rounds = max(1, ctx.scaled(cfg.query_budget) // cfg.queries_per_round)
+    total = ctx.plan_steps(rounds * cfg.d_iter, queries_per_step=cfg.queries_per_round / cfg.d_iter)
+    generator = DFMEGenerator(cfg.latent_dim, info.image_size, info.channels, cfg.gen_width).to(device)
+    if cfg.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+        student = student.to(memory_format=torch.channels_last)
+    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_S, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
+    sched_s = make_scheduler(opt_s, "multistep", total, milestones_at(cfg.steps, total), cfg.scale)
+    sched_g = make_scheduler(opt_g, "multistep", total, milestones_at(cfg.steps, -(-total // cfg.d_iter)), cfg.scale)
+    ctx.track(generator=generator, opt_g=opt_g, opt_s=opt_s, sched_g=sched_g, sched_s=sched_s)
+    return DFMEGame(generator, student, opt_s, opt_g, sched_s, sched_g, total)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from methods.adversarial import class_entropy, make_scheduler, sample_std, save_samples
-from methods.black_box import (DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFMEConfig, DFMEGenerator, corrected_log_probs,
-                               forward_difference_gradient, l1_disagreement, milestones_at)
+from methods.adversarial import class_entropy, sample_std, save_samples
+from methods.black_box import (DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFMEConfig, corrected_log_probs, dfme_game,
+                               forward_difference_gradient, l1_disagreement)
 
 @register("dfme")
 class DFME(Method):
@@ -46,24 +46,15 @@ class DFME(Method):
 
     def distill(self, teacher, student, ctx):
         cfg, info, device = self.config, ctx.info, ctx.device
-        rounds = max(1, ctx.scaled(cfg.query_budget) // cfg.queries_per_round)
-        total = ctx.plan_steps(rounds * cfg.d_iter, queries_per_step=cfg.queries_per_round / cfg.d_iter)
-        generator = DFMEGenerator(cfg.latent_dim, info.image_size, info.channels, cfg.gen_width).to(device)
-        if cfg.channels_last:
-            generator = generator.to(memory_format=torch.channels_last)
-            student = student.to(memory_format=torch.channels_last)
-        opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_S, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
-        sched_s = make_scheduler(opt_s, "multistep", total, milestones_at(cfg.steps, total), cfg.scale)
-        sched_g = make_scheduler(opt_g, "multistep", total, milestones_at(cfg.steps, -(-total // cfg.d_iter)), cfg.scale)
-        ctx.track(generator=generator, opt_g=opt_g, opt_s=opt_s, sched_g=sched_g, sched_s=sched_s)
+        game = dfme_game(cfg, ctx, student)
+        generator, student, opt_s, opt_g = game.generator, game.student, game.opt_s, game.opt_g
 
         def disagreement(points: torch.Tensor) -> torch.Tensor:  # -L1 per point: the generator maximises L1
             return -l1_disagreement(student(points), corrected_log_probs(teacher.log_probs(points)))
 
         x = t_est = loss_g = None
-        for step in ctx.steps(total, "dfme", log_every=cfg.log_every):
-            if step % cfg.d_iter == 1 or cfg.d_iter == 1:  # a round opens with the generator's turn
+        for step in ctx.steps(game.total, "dfme", log_every=cfg.log_every):
+            if game.opens_round(step, cfg.d_iter):
                 student.eval()  # as approximate_gradients.py: the student in eval mode for the estimate
                 with ctx.queries_for("generator"):
                     for _ in range(cfg.g_iter):
@@ -73,7 +64,7 @@ class DFME(Method):
                         opt_g.zero_grad(set_to_none=True)
                         fake.backward(grad / (info.num_classes * cfg.batch_size))
                         opt_g.step()
-                sched_g.step()
+                game.sched_g.step()
                 student.train()
             with ctx.queries_for("student"):
                 with torch.no_grad():
@@ -83,9 +74,9 @@ class DFME(Method):
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
-            sched_s.step()
+            game.sched_s.step()
             ctx.log(step, loss_s=loss_s, loss_g=loss_g, sample_std=sample_std(x), t_entropy=class_entropy(t_est),
-                    lr_s=sched_s.get_last_lr()[0])
+                    lr_s=game.sched_s.get_last_lr()[0])
             if step % (cfg.epoch_itrs * cfg.d_iter) == 0:
                 ctx.evaluate(student, step)  # validation accuracy; the harness records best-on-test
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from methods.adversarial import make_scheduler, optimizer_step, sample_std, save_samples
-from methods.black_box import DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFMEConfig, DFMEGenerator, hard_label_loss, milestones_at
+from methods.adversarial import optimizer_step, sample_std, save_samples
+from methods.black_box import DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFMEConfig, dfme_game, hard_label_loss
 
 
 @dataclass
@@ -54,40 +54,31 @@ class DFMEHardLabel(Method):
 
     def distill(self, teacher, student, ctx):
         cfg, info, device = self.config, ctx.info, ctx.device
-        rounds = max(1, ctx.scaled(cfg.query_budget) // cfg.queries_per_round)
-        total = ctx.plan_steps(rounds * cfg.d_iter, queries_per_step=cfg.queries_per_round / cfg.d_iter)
-        generator = DFMEGenerator(cfg.latent_dim, info.image_size, info.channels, cfg.gen_width).to(device)
-        if cfg.channels_last:
-            generator = generator.to(memory_format=torch.channels_last)
-            student = student.to(memory_format=torch.channels_last)
-        opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_S, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_G)
-        sched_s = make_scheduler(opt_s, "multistep", total, milestones_at(cfg.steps, total), cfg.scale)
-        sched_g = make_scheduler(opt_g, "multistep", total, milestones_at(cfg.steps, -(-total // cfg.d_iter)), cfg.scale)
-        ctx.track(generator=generator, opt_g=opt_g, opt_s=opt_s, sched_g=sched_g, sched_s=sched_s)
+        game = dfme_game(cfg, ctx, student)
+        generator, student, opt_s, opt_g = game.generator, game.student, game.opt_s, game.opt_g
 
         def batch() -> torch.Tensor:
             return generator(torch.randn(cfg.batch_size, cfg.latent_dim, device=device))
 
         x = labels = loss_g = None
-        for step in ctx.steps(total, "dfme_hl", log_every=cfg.log_every):
-            if step % cfg.d_iter == 1 or cfg.d_iter == 1:  # a round opens with the generator's turn
+        for step in ctx.steps(game.total, "dfme_hl", log_every=cfg.log_every):
+            if game.opens_round(step, cfg.d_iter):
                 with ctx.queries_for("generator"):
                     for _ in range(cfg.g_iter):
                         fake = batch()
                         y = teacher.labels(fake.detach())
                         loss_g = -hard_label_loss(student(fake), y)
                         optimizer_step(opt_g, loss_g, generator.parameters())
-                sched_g.step()
+                game.sched_g.step()
             with ctx.queries_for("student"):
                 with torch.no_grad():
                     x = batch()
                     labels = teacher.labels(x)
                 loss_s = hard_label_loss(student(x), labels)
                 optimizer_step(opt_s, loss_s, student.parameters())
-            sched_s.step()
+            game.sched_s.step()
             ctx.log(step, loss_s=loss_s, loss_g=loss_g, sample_std=sample_std(x),
-                    t_entropy=label_histogram_entropy(labels, info.num_classes), lr_s=sched_s.get_last_lr()[0])
+                    t_entropy=label_histogram_entropy(labels, info.num_classes), lr_s=game.sched_s.get_last_lr()[0])
 
         if x is not None:
             save_samples(ctx, x, torch.nn.functional.one_hot(labels, info.num_classes).float(), cfg.samples, "DFME-HL")
