@@ -1634,7 +1634,9 @@ figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.86rem;
 pre{background:#f3f4f6;padding:8px;overflow-x:auto;font-size:.78rem}details{margin:2px 0}
 .failed td{vertical-align:top}.failed td.err{white-space:normal;text-align:left;max-width:560px}
 """
-WRAP_HEADERS = ("overrides (vs the method's preset)", "budget (stopped by)")
+# columns whose text wraps: long settings, and the decision table's one column per user (five users side by side
+# must fit a page without a horizontal scroll)
+WRAP_HEADERS = ("overrides (vs the method's preset)", "budget (stopped by)", *USER_ACCESS_TEXT.values())
 
 
 def _e(value) -> str:
