@@ -26,7 +26,8 @@ RECORD_ONLY = ("teacher_checkpoint", "teacher_pretrained", "data_options", "inpu
 COLUMNS = [
     "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "seed",
     "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_outputs",
-    "teacher_queries", "teacher_queries_by", "student_steps", "stopped_by", "teacher_acc", "student_acc", "student_acc_val", "student_acc_best", "best_protocol",
+    "teacher_queries", "teacher_queries_by", "student_steps", "stopped_by", "teacher_acc", "student_acc",
+    "student_acc_val", "student_acc_best", "best_protocol",
     "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",
     "teacher_arch_id", "teacher_latency_ms", "latency_ms", "latency_iqr_ms", "latency_threads", "threads", "throughput",
     # latency per backend (bench/latency.py), milliseconds per batch on the CPU with latency_threads threads, timed
