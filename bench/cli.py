@@ -126,6 +126,14 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
     for plugin in plugins:
         load_plugin(plugin)
     grid = load_grid(grid_name)
+    if getattr(grid, "task", "classification") == "translation":
+        unsupported = [name for name, given in (("--set", assignments), ("--budget", budget_text), ("--jobs", jobs),
+                                                ("--executor ray", executor == "ray")) if given]
+        if unsupported:
+            raise BenchError(f"{', '.join(unsupported)}: not supported by a translation grid ({grid_name}); it takes "
+                             f"--out, --seeds, --only, --force, --rerun-failed, --dry-run and --report")
+        _run_translation(grid, out, only, seeds, force, rerun_failed, report, dry_run, data_root, cache_dir)
+        return
     if only:
         grid = overrides.only(grid, [x.strip() for x in only.split(",") if x.strip()])
     if seeds:
@@ -168,6 +176,42 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
         sys.exit(130)
     if report and rows:
         _render_report(options.out, None)
+
+
+def _run_translation(grid, out, only, seeds, force, rerun_failed, report, dry_run, data_root, cache_dir) -> None:
+    """`bench run` of a `task: translation` grid (bench.translation.task; docs/translation.md)."""
+    import dataclasses
+
+    from bench import overrides
+    from bench.translation.task import expand, run_translation_grid
+
+    if only:
+        labels = [x.strip() for x in only.split(",") if x.strip()]
+        known = [m.label or m.name for m in grid.methods]
+        unknown = sorted(set(labels) - set(known))
+        if unknown:
+            raise BenchError(f"--only: unknown method entries {unknown}; valid: {', '.join(known)}")
+        grid = dataclasses.replace(grid, methods=[m for m in grid.methods if (m.label or m.name) in labels])
+    if seeds:
+        grid = dataclasses.replace(grid, seeds=overrides.parse_seeds(seeds))
+    out = out or Path("results") / grid.name
+    click.echo(f"translation grid {grid.name!r} -> {out}/runs.csv on cpu")
+    if dry_run:
+        from bench.store import ResultsStore
+        from bench.translation.task import COLUMNS
+
+        store = ResultsStore(out, columns=COLUMNS) if (out / "runs.csv").is_file() else None
+        for cell in expand(grid, grid.name, data_root, with_provenance=True):
+            done = store.status(cell.cell_id) if store else None
+            click.echo(f"{cell.cell_id}  {cell.domain_a}<->{cell.domain_b}  {cell.generator}  {cell.label}  "
+                       f"ratio={cell.ratio}  seed={cell.seed}  {done or 'to run'}")
+        return
+    summary = run_translation_grid(grid, out, data_root=data_root, cache_dir=cache_dir, force=force,
+                                   rerun_failed=rerun_failed, log=click.echo)
+    click.echo(f"{len(summary.done)} cells run ({summary.failed} failed), {summary.skipped} already done; "
+               f"results in {out / 'runs.csv'}")
+    if report:
+        _render_report(out, None)
 
 
 def _render_report(results: Path, out: Path | None) -> None:

@@ -218,8 +218,12 @@ def grid_path(name_or_path: str) -> Path:
     return builtin
 
 
+TASKS = ("classification", "translation")  # a grid's `task:` key (default classification)
+
+
 def load_grid(name_or_path: str) -> Grid:
-    """Parse and validate a grid; errors name the file, the key and the bad value."""
+    """Parse and validate a grid; errors name the file, the key and the bad value. A grid with
+    ``task: translation`` is a :class:`bench.translation.task.TranslationGrid` (docs/translation.md)."""
     path = grid_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -228,6 +232,13 @@ def load_grid(name_or_path: str) -> Grid:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid must be a mapping with keys name, datasets, pairs, methods, ...; got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
+    task = raw.pop("task", "classification")
+    if task == "translation":  # the second task kind (docs/translation.md): its own grid type and cells
+        from bench.translation.task import load_translation_grid
+
+        return load_translation_grid(raw, str(path))
+    if task != "classification":
+        raise ConfigError(f"{path}: unknown task {task!r}; valid: {', '.join(TASKS)}")
     methods = raw.get("methods")
     if isinstance(methods, list):
         raw["methods"] = [{"name": m} if isinstance(m, str) else m for m in methods]

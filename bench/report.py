@@ -1254,6 +1254,10 @@ def render(results_dir: Path, out: Path | None = None, latency_backend: str | No
     ``latency_backend``: the :data:`bench.latency.BACKENDS` name whose latencies the trade-off figure and the
     decision tables use (default: :func:`choose_backend`)."""
     results_dir = Path(results_dir)
+    from bench.translation import report as translation_report  # the translation task's own section
+
+    if translation_report.is_translation(results_dir):
+        return translation_report.render(results_dir, out)
     df, notes = load_runs(results_dir)
     grid = _grid_info(results_dir)
     current = set(grid.get("cell_ids") or [])

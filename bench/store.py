@@ -51,9 +51,13 @@ class StoreLockedError(RuntimeError):
 
 
 class ResultsStore:
-    """Rows of ``<folder>/runs.csv`` keyed by cell_id (the latest row per cell wins)."""
+    """Rows of ``<folder>/runs.csv`` keyed by cell_id (the latest row per cell wins).
 
-    def __init__(self, folder: Path):
+    ``columns``: the column set of the task (default :data:`COLUMNS`, classification; a translation grid
+    passes ``bench.translation.task.COLUMNS``)."""
+
+    def __init__(self, folder: Path, columns: list[str] | None = None):
+        self.columns = list(COLUMNS if columns is None else columns)
         self.folder = Path(folder)
         self.path = self.folder / "runs.csv"
         self.rows: dict[str, dict[str, str]] = {}
@@ -120,17 +124,17 @@ class ResultsStore:
 
     def put(self, row: dict[str, Any]) -> None:
         """Add or replace the row of ``row['cell_id']`` and rewrite the file atomically."""
-        unknown = set(row) - set(COLUMNS)
+        unknown = set(row) - set(self.columns)
         if unknown:
             raise KeyError(f"unknown result columns {sorted(unknown)}")
-        self.rows[row["cell_id"]] = {c: _text(row.get(c)) for c in COLUMNS}
+        self.rows[row["cell_id"]] = {c: _text(row.get(c)) for c in self.columns}
         self._write(self.rows.values())
 
     def _write(self, rows: Iterable[dict[str, str]]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".runs.", suffix=".csv")
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for r in rows:
                 writer.writerow(r)
