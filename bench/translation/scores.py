@@ -106,7 +106,7 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     with warnings.catch_warnings():  # dead ReLU features make the product singular; handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+        covmean = linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all():  # the FID reference implementation's fallback for a singular product
             offset = np.eye(s1.shape[0]) * 1e-6
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))

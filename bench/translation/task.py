@@ -268,6 +268,7 @@ def expand(grid: TranslationGrid, where: str = "grid", data_root=None, with_prov
                                                {**data, **code}, "")
                         blob = json.dumps(cell.identity(), sort_keys=True)
                         cells.append(dataclasses.replace(cell, cell_id=hashlib.sha256(blob.encode()).hexdigest()[:12]))
+    cells.sort(key=lambda c: grid.seeds.index(c.seed))  # seed by seed (stable): a partial run has whole seeds
     ids = [c.cell_id for c in cells]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
