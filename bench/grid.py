@@ -273,7 +273,13 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
     """Every cell of ``grid`` with its resolved config, in run order.
 
     With ``provenance`` the ``cell_id`` covers the content hashes too (what ``bench run`` uses); without
-    it, only the configuration (enough to validate a grid and list its cells without reading data)."""
+    it, only the configuration (enough to validate a grid and list its cells without reading data).
+    A translation grid expands into its own cells (:func:`bench.translation.task.expand`)."""
+    if getattr(grid, "task", "classification") == "translation":
+        from bench.translation.task import expand as expand_translation
+
+        return expand_translation(grid, where, provenance.data_root if provenance else None,
+                                  with_provenance=provenance is not None)
     cells = []
     default_budget = as_budget(grid.budget, f"{where}: budget")
     for dataset in grid.datasets:
