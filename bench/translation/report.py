@@ -82,6 +82,23 @@ def table(agg: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def cost_table(agg: pd.DataFrame, df: pd.DataFrame) -> str:
+    """The compute behind every point: search, queries, fine-tuning (per cell, mean over seeds) and the teacher."""
+    lines = ["| method | kept | n | search s | generator queries | discriminator queries | fine-tune s |", "|---|---|---|---|---|---|---|"]
+    for _, r in agg.sort_values(["ratio", "label"], ascending=[False, True]).iterrows():
+        lines.append(f"| {r.label} | {r.ratio:g} | {r.n} | {_cell(r.search_seconds, r.search_seconds_std)} | "
+                     f"{r.generator_queries:,.0f} | {r.discriminator_queries:,.0f} | "
+                     f"{_cell(r.finetune_seconds, r.finetune_seconds_std)} |")
+    ok = df[df["status"] == "ok"]
+    teacher = ""
+    if len(ok):
+        steps = pd.to_numeric(ok["teacher_steps"], errors="coerce").iloc[0]
+        seconds = pd.to_numeric(ok["teacher_seconds"], errors="coerce").iloc[0]
+        teacher = f"CycleGAN teacher: {steps:,.0f} steps in {seconds:,.0f} s (trained once, cached). "
+    return "\n".join(lines) + f"\n\n{teacher}Seconds are wall-clock on this machine's CPU ({ok['cpu'].iloc[0] if len(ok) else '?'}), " \
+        f"{ok['threads'].iloc[0] if len(ok) else '?'} torch thread(s)."
+
+
 def tradeoff_plot(agg: pd.DataFrame, cost: str, xlabel: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric, title in zip(axes, ("class_pres_ab", "class_pres_ba"), ("A→B", "B→A")):
@@ -144,7 +161,13 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
     agg = aggregate(df)
     agg.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     failed = df[df["status"] != "ok"]
+    import json
+
+    grid_file = results_dir / "grid.json"
+    grid = json.loads(grid_file.read_text()) if grid_file.is_file() else {}
     parts = ["# Translation report", "",
+             f"Grid `{grid.get('name', '?')}` (reproduce: `bench run --grid <its YAML> --out {results_dir}`). "
+             f"{grid.get('description', '')}", "",
              f"Results: `{results_dir / 'runs.csv'}` ({int((df['status'] == 'ok').sum())} ok rows, {len(failed)} failed). "
              "Mean ± std over seeds; class preservation and Fréchet distance by the target domain's LeNet-5; "
              "latency: both generators at batch 1, eager PyTorch on the CPU; MACs and params: both generators.", ""]
@@ -153,7 +176,7 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
         parts += [f"Classifiers' test accuracy: {first.domain_a} {100 * first.classifier_acc_a:.2f}%, "
                   f"{first.domain_b} {100 * first.classifier_acc_b:.2f}%.", ""]
     if len(agg):
-        parts += [table(agg), ""]
+        parts += [table(agg), "", cost_table(agg, df), ""]
         for cost, xlabel, name in (("latency_ms", "CPU latency, both generators, batch 1 (ms)", "quality_vs_latency"),
                                    ("macs", "MACs, both generators, one image", "quality_vs_macs")):
             if agg[cost].notna().any():
@@ -168,8 +191,28 @@ def render(results_dir: Path, out: Path | None = None) -> Path:
         parts.append(f"- failed: {r.cell_id} {r.label} ratio={r.ratio} seed={r.seed}: {r.error}")
     text = "\n".join(parts) + "\n"
     (out / "translation.md").write_text(text)
-    body = "".join(f"<p><img src='{html.escape(line[line.index('(') + 1:-1])}'></p>" if line.startswith("![")
-                   else f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else f"<p>{html.escape(line)}</p>"
-                   for line in text.splitlines() if line)
-    (out / "index.html").write_text(f"<html><meta charset='utf-8'><body>{body}</body></html>")
+    (out / "index.html").write_text(to_html(text))
     return out
+
+
+def to_html(markdown: str) -> str:
+    """The report's Markdown as a small HTML page: paragraphs, images and the tables as tables."""
+    body, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            head, *rest = rows
+            body.append("<table border='1' cellspacing='0' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in head)
+                        + "</tr>" + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</table>")
+            rows = []
+        if line.startswith("!["):
+            body.append(f"<p><img src='{html.escape(line[line.index('(') + 1:-1])}'></p>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    return f"<html><meta charset='utf-8'><body>{''.join(body)}</body></html>"
