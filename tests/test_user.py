@@ -276,7 +276,7 @@ def test_reproduce_puts_our_rows_beside_the_paper(tmp_path):
     kd = [float(r["student_acc"]) for r in rows if r["method"] == "kd" and r["student"] == "lenet5_half"
           and r["dataset"] == "fashion_mnist"]
     assert f"| KD | kd | 90.00 | {np.mean(kd):.2f} ± {np.std(kd, ddof=1):.2f} |" in text
-    assert "0.1 of the paper's" in text and "| Teacher | teacher | 91.00 | 90.41 |" in text
+    assert "| 10% |" in text and "| Teacher | teacher | 91.00 | 90.41 |" in text
 
 
 def test_papers_file_is_valid_and_cites_every_table():
