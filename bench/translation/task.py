@@ -385,9 +385,10 @@ def _save_samples(out: Compressed, test_a, test_b, path: Path) -> None:
     def to_uint8(x: torch.Tensor) -> torch.Tensor:
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-    xa, xb = cg.to_unit(test_a[0][:SAMPLES]), cg.to_unit(test_b[0][:SAMPLES])
-    torch.save({"src_a": test_a[0][:SAMPLES], "fake_b": to_uint8(translate(out.g_ab, xa)),
-                "src_b": test_b[0][:SAMPLES], "fake_a": to_uint8(translate(out.g_ba, xb))}, path)
+    # clones: torch.save of a slice writes the whole test tensor it views (10 MB a cell instead of kilobytes)
+    src_a, src_b = test_a[0][:SAMPLES].clone(), test_b[0][:SAMPLES].clone()
+    torch.save({"src_a": src_a, "fake_b": to_uint8(translate(out.g_ab, cg.to_unit(src_a))),
+                "src_b": src_b, "fake_a": to_uint8(translate(out.g_ba, cg.to_unit(src_b)))}, path)
 
 
 def _failed_row(cell: TranslationCell, exc: BaseException) -> dict[str, Any]:
