@@ -186,12 +186,8 @@ def _run_translation(grid, out, only, seeds, force, rerun_failed, report, dry_ru
     from bench.translation.task import expand, run_translation_grid
 
     if only:
-        labels = [x.strip() for x in only.split(",") if x.strip()]
-        known = [m.label or m.name for m in grid.methods]
-        unknown = sorted(set(labels) - set(known))
-        if unknown:
-            raise BenchError(f"--only: unknown method entries {unknown}; valid: {', '.join(known)}")
-        grid = dataclasses.replace(grid, methods=[m for m in grid.methods if (m.label or m.name) in labels])
+        grid = dataclasses.replace(grid, methods=overrides.select_methods(
+            grid.methods, [x.strip() for x in only.split(",") if x.strip()]))
     if seeds:
         grid = dataclasses.replace(grid, seeds=overrides.parse_seeds(seeds))
     out = out or Path("results") / grid.name

@@ -172,13 +172,19 @@ def parse_seeds(text: str, where: str = "--seeds") -> list[int]:
     return seeds
 
 
-def only(grid: Grid, labels: list[str], where: str = "--only") -> Grid:
-    """``grid`` restricted to the method entries with these labels (pairs that ran none of them are dropped)."""
-    have = [e.label or e.name for e in grid.methods]
+def select_methods(entries: list, labels: list[str], where: str = "--only") -> list:
+    """The method entries (anything with ``label`` and ``name``) whose label is one of ``labels``; an unknown
+    label is an error naming the valid ones. Shared by classification and translation grids."""
+    have = [e.label or e.name for e in entries]
     unknown = [label for label in labels if label not in have]
     if unknown:
         raise ConfigError(f"{where}: unknown method entries {unknown}; valid: {', '.join(have)}")
-    methods = [e for e in grid.methods if (e.label or e.name) in labels]
+    return [e for e in entries if (e.label or e.name) in labels]
+
+
+def only(grid: Grid, labels: list[str], where: str = "--only") -> Grid:
+    """``grid`` restricted to the method entries with these labels (pairs that ran none of them are dropped)."""
+    methods = select_methods(grid.methods, labels, where)
     pairs = []
     for pair in grid.pairs:
         if pair.methods is None:
