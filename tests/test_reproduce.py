@@ -62,11 +62,17 @@ def _row(method, acc, seed, *, best="", teacher=99.0, budget="1.0", label="", da
             "student_steps": steps, "status": "ok"}
 
 
-def test_tables_show_gap_budget_and_why_a_row_falls_short():
+def test_tables_show_gap_budget_and_why_a_row_falls_short(monkeypatch, tmp_path):
     rows = [_row("student_only", 98.5, 0), _row("student_only", 98.7, 1),
             _row("dafl", 90.0, 0, best="91.0", budget="0.02", label="dafl_frac"),
             _row("kd_noise", 80.0, 0, stopped_by="seconds", iterations="1000", steps="250")]
-    text = render([t for t in _tables() if t.id == "dafl-table1"], rows, [Path("x")])
+    table = [t for t in _tables() if t.id == "dafl-table1"]
+    # without MNIST's files a row that did not run names them (the data root here is empty) ...
+    no_files = render(table, rows, [Path("x")], data_root=tmp_path)
+    assert "| kd | 98.91 | not run |" in no_files and "mnist files missing (see below the table)" in no_files
+    # ... and with them, the command that runs it (the files' presence is the environment's, not this test's)
+    monkeypatch.setattr(Reproduction, "missing_data", lambda self, dataset: "")
+    text = render(table, rows, [Path("x")])
     assert "| Teacher | teacher | 98.91 | 99.00 | - | +0.09 | 1 teacher(s) |" in text
     assert "| student_only | 98.65 | 98.60 ± 0.14 | - | -0.05 (final) | 2 (0,1) | 100% |" in text
     # DAFL: best-on-test is the paper's protocol, so the gap is on it; 2% of the budget is named as a cause
