@@ -121,7 +121,9 @@ def _bench(args: list[str], env: dict) -> subprocess.Popen:
 def test_a_cell_killed_mid_way_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, cache_dir):
     grid = tmp_path / "resume.yaml"
     grid.write_text(RESUME)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same thread count in every run
+    # the same thread count in every run, and MKL in its reproducible mode: its sgemm otherwise rounds by
+    # the buffers' memory alignment, which differs between processes (two fresh straight runs differed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
     common = ["--grid", str(grid), "--cache-dir", str(cache_dir), "--device", "cpu"]
 
     straight = tmp_path / "straight"
