@@ -220,6 +220,60 @@ def _render_report(results: Path, out: Path | None) -> None:
     click.echo(f"report: {target / 'index.html'}")
 
 
+@main.command()
+@click.option("--grid", "grid_name", required=True,
+              help="A grid with a tune: block (the development task), e.g. examples/studies/tune_grey32.yaml.")
+@click.option("--trials", type=int, default=None, help="Trials per method [default: the tune block's `trials`].")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Trials at once, each cell in its own process with cores // jobs torch threads.")
+@click.option("--only", default=None, help="Tune only these method entries (comma-separated labels).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder of the trials' cells and the study [default: results/tune-<grid name>].")
+@click.option("--storage", default=None,
+              help="Optuna storage: an SQLAlchemy URL several machines can share [default: sqlite in OUT/tune.db].")
+@click.option("--tuned-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the tuned presets go [default: the grid's tuned_file, else bench/tuned.yaml].")
+@click.option("--plugin", "plugins", multiple=True, help="A Python file or module defining extra methods (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_common_paths
+@_fail_cleanly
+def tune(grid_name, trials, jobs, only, out, storage, tuned_file, plugins, no_progress, device, data_root, cache_dir):
+    """Tune every method of a grid on its development task: the same search for each (docs/tuning.md).
+
+    Each method entry with a search space (`bench list methods`) gets the same number of trials on the grid's
+    tune: task, at its compute cap; the score is the mean final validation accuracy over the tune seeds (the
+    test split is never read). Trial 0 is the paper's values. The chosen values, every trial and the code
+    hash go to the tuned-presets file, which `preset: tuned` (or `oracle`) entries read. A killed tune
+    resumes: run the same command again.
+
+    \b
+    Examples:
+      bench tune --grid examples/studies/tune_grey32.yaml                  # 16 trials per method on MNIST
+      bench tune --grid examples/studies/tune_grey32.yaml --only dafl,zskt --jobs 2
+      bench tune --grid examples/studies/tune_oracle_fmnist.yaml           # the oracle: Fashion-MNIST itself
+    """
+    from bench import overrides
+    from bench.grid import load_grid
+    from bench.method import load_plugin
+    from bench.runner import RunOptions, resolve_device
+    from bench.tune import tune as run_tune
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    grid = load_grid(grid_name)
+    if getattr(grid, "task", "classification") != "classification":
+        raise BenchError(f"{grid_name}: bench tune tunes classification grids")
+    entries = grid.methods
+    if only:
+        entries = overrides.select_methods(grid.methods, [x.strip() for x in only.split(",") if x.strip()])
+    options = RunOptions(out=out or Path("results") / f"tune-{grid.name}", device=resolve_device(device),
+                         data_root=data_root, cache_dir=cache_dir, progress=not no_progress)
+    click.echo(f"tuning grid {grid.name!r}: trials in {options.out} on {options.device}")
+    records = run_tune(grid, options, source=grid_name, entries=entries, trials=trials, jobs=jobs, storage=storage,
+                       tuned_file=tuned_file, plugins=list(plugins), echo=click.echo)
+    click.echo(f"{len(records)} method(s) tuned")
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["methods", "models", "datasets", "grids"]))
 @click.option("--plugin", "plugins", multiple=True, help="Also list methods from this plugin file/module.")
@@ -238,10 +292,14 @@ def list_(what, plugins):
 
         for plugin in plugins:
             load_plugin(plugin)
+        from bench.search_space import describe
+
         for name, cls in list_methods().items():
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
             click.echo(f"{name:<16} data={cls.data_access.value:<5} teacher={cls.teacher_access.value:<10} "
                        f"{doc[0] if doc else ''}")
+            space = describe(cls.search_space) if cls.search_space else "(no search space: nothing to tune)"
+            click.echo("\n".join(f"{'':<18}{line}" for line in (["search space:"] + space.splitlines())))
     elif what == "models":
         from bench.models import list_models, model_card
 

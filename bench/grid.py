@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from bench import tracks
 from bench.config import ConfigError, from_mapping, to_dict
 from bench.data import DataOptions, DatasetMissingError, check_dataset_name, data_options, fingerprint, task_data
 from bench.method import TeacherAccess, get_method, load_plugin
@@ -46,7 +47,9 @@ class PairSpec:
 class MethodEntry:
     name: str
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the method's Config fields
-    preset: str | None = None  # default: the method's preset for the dataset
+    # the track (bench.tracks): paper (default: the method's preset for the dataset), tuned (bench tune's values
+    # from a development task of the same family), oracle (tuned on this dataset: an upper bound), or a named preset
+    preset: str | None = None
     # default: the grid's budget. A number is a fraction of the paper budget; a mapping may name a cap:
     # {teacher_queries: N} | {seconds: S} | {student_steps: N} (and a fraction beside it)
     budget: float | Budget | None = None
@@ -80,6 +83,10 @@ class Grid:
     # what a teacher behind an API returns to `outputs` methods: "logits" or "probs" (bench.teacher_access)
     teacher_outputs: str = "logits"
     description: str = ""
+    # the tuned-presets file that `preset: tuned` / `oracle` entries read (default bench/tuned.yaml), relative to
+    # the grid file; and the development task `bench tune` tunes this grid's methods on (bench.tune.TuneSpec)
+    tuned_file: str | None = None
+    tune: dict[str, Any] | None = None
 
     def validate(self) -> None:
         for key in ("datasets", "pairs", "methods", "seeds"):
@@ -136,6 +143,7 @@ class Cell:
     label: str
     preset: str | None
     params: dict[str, Any]
+    tuning: str  # paper | tuned:<dataset>:<trials>@<cap> | oracle | default (bench.tracks)
     seed: int
     budget: dict[str, Any]  # a Budget as plain data
     amp: bool
@@ -249,8 +257,14 @@ def load_grid(name_or_path: str) -> Grid:
     # plugin files are named relative to the grid file; keep absolute paths, so other processes can import them
     grid.plugins = [str((path.parent / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute() else p
                     for p in grid.plugins]
+    if grid.tuned_file and not Path(grid.tuned_file).is_absolute():
+        grid.tuned_file = str((path.parent / grid.tuned_file).resolve())
     for plugin in grid.plugins:
         load_plugin(plugin)
+    if grid.tune is not None:  # bench tune's development task, refused now if malformed
+        from bench.tune import spec_of
+
+        spec_of(grid, str(path)).validate()
     expand(grid, where=str(path))  # validates every name and hyperparameter now, before any work
     return grid
 
@@ -306,8 +320,8 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
                 if pair.methods is not None and (entry.label or entry.name) not in pair.methods:
                     continue
                 method = get_method(entry.name)
-                preset, config = method.resolve_config(dataset, entry.preset, entry.params,
-                                                       f"{where}: methods[{j}] ({entry.name}).params")
+                preset, config, tuning = tracks.resolve(method, dataset, entry.preset, entry.params,
+                                                        f"{where}: methods[{j}] ({entry.name})", grid.tuned_file)
                 budget = as_budget(entry.budget, f"{where}: methods[{j}] ({entry.name}).budget") \
                     if entry.budget is not None else default_budget
                 for seed in grid.seeds:
@@ -315,7 +329,7 @@ def expand(grid: Grid, where: str = "grid", provenance: Provenance | None = None
                                 teacher_checkpoint=pair.teacher_checkpoint, teacher_pretrained=pair.teacher_pretrained,
                                 teacher_recipe=to_dict(recipe),
                                 teacher_seed=grid.teacher_seed, method=entry.name, label=entry.label or entry.name,
-                                preset=preset, params=to_dict(config), seed=seed, budget=to_dict(budget),
+                                preset=preset, params=to_dict(config), tuning=tuning, seed=seed, budget=to_dict(budget),
                                 amp=entry.amp if entry.amp is not None else grid.amp,
                                 latency_threads=grid.latency_threads, validation=grid.validation,
                                 teacher_outputs=grid.teacher_outputs if method.teacher_access is TeacherAccess.OUTPUTS

@@ -53,6 +53,7 @@ from bench.data import DATASETS, DatasetInfo, load_images
 from bench.lineage import Lineage
 from bench.monitor import Budget
 from bench.registry import Registry
+from bench.search_space import check_space
 from bench.teacher_access import CountingTeacher, TeacherAccess, TeacherAccessError  # re-exported for plugins
 from bench.transforms import BatchStream, augment, to_float
 
@@ -95,9 +96,13 @@ class Method:
       presets: ``{preset_name: {field: value}}`` for per-dataset paper settings.
       preset_for_dataset: ``{dataset_name: preset_name}``; datasets not listed use the Config defaults.
       tracks_best: True where the paper's protocol reports the best test-set epoch; the method then
-        calls ``ctx.evaluate(student)`` at its evaluation points (it gets *validation* accuracy back) and
+        calls ``ctx.evaluate(student)`` at its evaluation points (it gets None back) and
         the harness records the best test accuracy at those points in ``student_acc_best``.
       few_labels: a FEW method that reads the labels of its few samples (see :meth:`reads_labels`).
+      search_space: ``{field: Float | Int | Choice}`` (:mod:`bench.search_space`), the distribution its
+        tunable fields are drawn from by ``bench tune``; it must contain the paper's values.
+      validation_feedback: True for a method that selects on labelled validation accuracy
+        (``ctx.evaluate`` returns it); False (the default) gives every method None there.
     """
 
     name: ClassVar[str] = ""
@@ -108,6 +113,9 @@ class Method:
     preset_for_dataset: ClassVar[dict[str, str]] = {}
     tracks_best: ClassVar[bool] = False
     few_labels: ClassVar[bool] = False
+    validation_feedback: ClassVar[bool] = False
+    # the tunable fields' distribution for the equal-tuning protocol (bench.search_space; docs/tuning.md)
+    search_space: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -159,6 +167,7 @@ def register(name: str | None = None) -> Callable[[type[Method]], type[Method]]:
         if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, MethodConfig)):
             raise TypeError(f"{cls.__name__}.Config must be a @dataclass subclass of MethodConfig")
         cls.name = key
+        check_space(cls)  # a space that leaves out the paper's value is refused here, at load
         return METHODS.register(key, replace=True)(cls)  # a plugin re-imported in one process registers again
 
     return decorator
@@ -454,13 +463,15 @@ class DistillContext:
             self._on_log(step, values)
 
     def evaluate(self, student: nn.Module, step: int | None = None) -> float | None:
-        """Validation accuracy (percent) at the method's own evaluation point, for protocols that evaluate
-        per epoch; None without a validation split. For ``tracks_best`` methods the harness also records
-        the best *test* accuracy over these points (``student_acc_best``), which no method ever sees."""
+        """The method's own evaluation point, for protocols that evaluate per epoch. For ``tracks_best``
+        methods the harness records the best *test* accuracy over these points (``student_acc_best``),
+        which no method ever sees. Returns None: no labelled feedback reaches a method, unless it declares
+        ``validation_feedback = True`` (it then gets validation accuracy, percent, and its row counts the
+        validation images as real samples used and reports ``validation_feedback``)."""
         mon = _monitor.active()
         if mon is None:
             return None
-        acc = mon.evaluate_for_method(student)
+        acc = mon.method_evaluation(student)
         if step is not None and acc is not None:
             self._record(step, {"val_acc": acc})
         return acc

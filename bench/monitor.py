@@ -15,7 +15,7 @@ While a method runs, the runner installs one :class:`Monitor` as the *active* mo
 - **Anytime curves.** At compute checkpoints spaced geometrically (a factor sqrt 2) in teacher queries
   (student steps for methods that never query the teacher) the student is evaluated on the validation
   split; the points go to the cell's curve with their teacher queries, student steps and seconds.
-  Nothing is returned to the method.
+  Nothing is returned to the method, and the curve is kept by the sealed splits, not on the monitor.
 - **Best-on-test** for methods whose paper protocol reports it (``tracks_best``): recorded at the
   method's own evaluation points, never returned.
 - **In-cell checkpoints** every ``checkpoint_every`` seconds: the tracked state (student, generator,
@@ -23,8 +23,8 @@ While a method runs, the runner installs one :class:`Monitor` as the *active* mo
   length. After a kill the next run resumes the cell from its last checkpoint; on the same machine and
   thread count it ends exactly where the uninterrupted run would.
 
-The validation and test images are not held here: the monitor evaluates through
-:func:`bench.provision.evaluate`, keyed by an opaque token.
+The validation and test images are not held here: the monitor hands the student to the sealed splits
+of :func:`bench.provision.seal`, which record and return nothing to it.
 """
 from __future__ import annotations
 
@@ -216,26 +216,23 @@ class Monitor:
     """One cell's compute accounting, caps, anytime evaluations and checkpoints (see the module docstring)."""
 
     def __init__(self, *, budget: Budget, counter: QueryCounter, clock: Clock, generator: torch.Generator,
-                 evaluate: Callable[[nn.Module, str], float | None], coordinate: str, track_best: bool,
-                 out_dir: Path, checkpoint_every: float = 0.0,
+                 scores: Any, coordinate: str, out_dir: Path, checkpoint_every: float = 0.0,
                  on_phase: Callable[[str, int, int], None] | None = None,
                  on_step: Callable[[int], None] | None = None):
         self.budget = budget
         self.counter = counter
         self.clock = clock
         self.generator = generator
-        self.evaluate_split = evaluate  # (model, "val" | "test") -> accuracy or None (no such split)
+        self._scores = scores  # provision's sealed splits: records the curve and best-on-test, returns nothing
         self.coordinate = coordinate  # "teacher_queries" or "student_steps"
-        self.track_best = track_best
         self.out_dir = Path(out_dir)
         self.checkpoint_every = checkpoint_every
         self.on_phase, self.on_step = on_phase, on_step
         self.tracked: dict[str, Any] = {}
         self.student_steps = 0
         self.phase = -1
-        self.anytime: list[dict[str, float]] = []
+        self.evaluations = 0  # anytime points recorded (the curve itself is the harness's, not the monitor's)
         self.next_threshold = 0.0
-        self.best_test: float | None = None
         self.stopped_by: str = ""  # the cap that ended a loop early (or raised inside a step)
         self.cut_by: str = ""  # the cap that shortened a planned length (plan_steps)
         self.phase_totals: list[int] = []
@@ -282,7 +279,7 @@ class Monitor:
                 first = self._restore()
         if self.on_phase is not None:
             self.on_phase(name, total, first - 1)
-        if not self.anytime:
+        if not self.evaluations:
             self._evaluate_anytime()  # the student as the method received it
         cost = 0
         for step in range(first, total + 1):
@@ -318,39 +315,34 @@ class Monitor:
         if self._value() >= self.next_threshold:
             self._evaluate_anytime()
 
-    def _evaluate_anytime(self, final: bool = False) -> dict[str, float] | None:
+    def _evaluate_anytime(self, final: bool = False) -> None:
         model = self.student
         if model is None:
-            return None
-        with self.clock.pause():
-            acc = self.evaluate_split(model, "val")
-        if acc is None:  # no validation split (validation: 0)
-            self.next_threshold = math.inf
-            return None
-        point = {"val_acc": round(acc, 3), "teacher_queries": self.counter.count, "student_steps": self.student_steps,
+            return
+        point = {"teacher_queries": self.counter.count, "student_steps": self.student_steps,
                  "seconds": round(self.clock.elapsed(), 3)}
         if final:
             point["final"] = 1
-        self.anytime.append(point)
+        with self.clock.pause():
+            recorded = self._scores.record_anytime(model, point)
+        if not recorded:  # no validation split (validation: 0)
+            self.next_threshold = math.inf
+            return
+        self.evaluations += 1
         base = QUERY_BASE if self.coordinate == "teacher_queries" else STEP_BASE
         value = self._value()
         k = 0 if value < base else math.floor(2 * math.log2(value / base)) + 1
         self.next_threshold = base * math.sqrt(2) ** k
-        return point
 
-    def evaluate_for_method(self, model: nn.Module) -> float | None:
-        """The method's own evaluation point: validation accuracy returned; best-on-test recorded for its protocol."""
+    def method_evaluation(self, model: nn.Module) -> float | None:
+        """The method's own evaluation point (see ``provision._Scores.method_point``), off the method's clock."""
         with self.clock.pause():
-            acc = self.evaluate_split(model, "val")
-            if self.track_best:
-                test = self.evaluate_split(model, "test")
-                self.best_test = test if self.best_test is None else max(self.best_test, test)
-        return acc
+            return self._scores.method_point(model)
 
-    def finish(self) -> dict[str, float] | None:
+    def finish(self) -> None:
         """The last anytime point, on the student the method handed back (or had when a cap stopped it)."""
         self.counter.enforce = False
-        return self._evaluate_anytime(final=True)
+        self._evaluate_anytime(final=True)
 
     # ---- checkpoints
     @property
@@ -375,8 +367,8 @@ class Monitor:
         with self.clock.pause():
             curve = self.out_dir / "curve.jsonl"
             state = {"phase": self.phase, "step": step, "student_steps": self.student_steps,
-                     "queries": self.counter.count, "queries_by": dict(self.counter.by_purpose), "seconds": self.clock.elapsed(), "anytime": list(self.anytime),
-                     "next_threshold": self.next_threshold, "best_test": self.best_test,
+                     "queries": self.counter.count, "queries_by": dict(self.counter.by_purpose), "seconds": self.clock.elapsed(), "scores": self._scores.state(),
+                     "evaluations": self.evaluations, "next_threshold": self.next_threshold,
                      "curve_bytes": curve.stat().st_size if curve.exists() else 0,
                      "states": {name: _state_of(obj) for name, obj in self.tracked.items()},
                      "rng": _rng_state(self.generator)}
@@ -400,9 +392,9 @@ class Monitor:
         self.counter.by_purpose = dict(state.get("queries_by", {}))
         self.clock.offset = float(state["seconds"])
         self.clock.started, self.clock.paused = time.perf_counter(), 0.0
-        self.anytime = list(state["anytime"])
+        self._scores.load_state(state["scores"])
+        self.evaluations = int(state["evaluations"])
         self.next_threshold = float(state["next_threshold"])
-        self.best_test = state["best_test"]
         for name, obj in self.tracked.items():  # state tracked before this phase began is current again
             if name in state["states"]:
                 _load_into(obj, state["states"][name])

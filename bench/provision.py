@@ -4,11 +4,13 @@
   and nothing else: NONE gets the dataset's metadata; ALT gets a loader for images of another source;
   FEW gets exactly its n training images, drawn with the cell's seed without reading a label (labels
   only when the method declares it reads them); FULL gets the training split. The validation and test
-  splits never enter the context: they are *sealed* here, in a module-level table keyed by an opaque
-  token, and read only through :func:`evaluate` by the harness (its monitor's anytime curve, the
-  Measure stage). Nothing a method is handed (the context, the teacher wrapper, the student) refers to
-  them, so a data-free row is data-free by construction. (Python cannot stop code that goes looking in
-  other modules' globals or in the garbage collector; that is deliberate cheating, not an accident a
+  splits never enter the context: they are *sealed* (:func:`seal`) in an object the runner holds and
+  hands to the monitor's anytime curve and to the Measure stage. Nothing a method is handed (the
+  context, the teacher view, the student) and no public attribute of a public module or of the active
+  monitor refers to them, so a data-free row is data-free by construction. ``ctx.evaluate`` returns
+  None, unless the method declares ``validation_feedback`` (it then selects on labelled validation
+  data, and its row counts those images as real samples). (Python cannot stop code that goes looking in
+  private attributes, closures or the garbage collector; that is deliberate cheating, not an accident a
   plugin author can make by reading the README.)
 - **Distill** runs the method's one call under a :class:`~bench.monitor.Monitor` (compute, caps,
   anytime validation, checkpoints), with the teacher as the view of the method's declared teacher
@@ -20,7 +22,6 @@
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -43,28 +44,69 @@ from bench.monitor import Budget, Clock, ComputeCapReached, Monitor, QueryCounte
 from bench.students import Student
 from bench.transforms import to_float
 
-_SEALED: dict[int, ImageData] = {}
-_TOKENS = itertools.count(1)
+class _Scores:
+    """One cell's sealed validation and test splits, and what the harness records from them.
+
+    Made by :func:`seal` for the runner, handed to the Distill stage's monitor and the Measure stage; no
+    object a method is handed refers to it. It records the anytime validation curve and a paper's
+    best-on-test protocol, and returns an accuracy to the method's own evaluation points only when the
+    method declares ``validation_feedback`` (its row then counts the validation images as real samples)."""
+
+    __slots__ = ("_data", "_track_best", "_feedback", "_curve", "_best_test")
+
+    def __init__(self, data: ImageData):
+        self._data = data
+        self._track_best = self._feedback = False
+        self._curve: list[dict[str, float]] = []
+        self._best_test: float | None = None
+
+    def _accuracy(self, model: nn.Module, split: str) -> float | None:
+        data = self._data
+        x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
+        if x is None or x.shape[0] == 0:
+            return None
+        return evaluate_accuracy(model, x, y, lambda xb: to_float(xb, data.info))
+
+    def configure(self, method: Method) -> None:
+        self._track_best, self._feedback = method.tracks_best, method.validation_feedback
+
+    def record_anytime(self, model: nn.Module, point: dict[str, float]) -> bool:
+        """Add ``point`` (compute coordinates) with the model's validation accuracy to the curve; False
+        without a validation split. Nothing is returned to the caller."""
+        acc = self._accuracy(model, "val")
+        if acc is None:
+            return False
+        self._curve.append({"val_acc": round(acc, 3), **point})
+        return True
+
+    def method_point(self, model: nn.Module) -> float | None:
+        """The method's own evaluation point: best-on-test recorded for its paper's protocol; validation
+        accuracy returned only to a method that declared ``validation_feedback``, else None."""
+        if self._track_best:
+            test = self._accuracy(model, "test")
+            if test is not None:
+                self._best_test = test if self._best_test is None else max(self._best_test, test)
+        return self._accuracy(model, "val") if self._feedback else None
+
+    def state(self) -> dict[str, Any]:
+        return {"curve": list(self._curve), "best_test": self._best_test}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._curve, self._best_test = list(state["curve"]), state["best_test"]
+
+    def curve(self) -> list[dict[str, float]]:
+        return list(self._curve)
+
+    def best_test(self) -> float | None:
+        return self._best_test
+
+    def validation_size(self) -> int:
+        return 0 if self._data.val_x is None else int(self._data.val_x.shape[0])
 
 
-def seal(data: ImageData) -> int:
-    """Keep ``data``'s validation and test splits for the harness; returns the token that reads them."""
-    token = next(_TOKENS)
-    _SEALED[token] = data
-    return token
-
-
-def unseal(token: int) -> None:
-    _SEALED.pop(token, None)
-
-
-def evaluate(token: int, model: nn.Module, split: str) -> float | None:
-    """Top-1 accuracy (percent) of ``model`` on the sealed ``split`` ("val" or "test"); None if the split is empty."""
-    data = _SEALED[token]
-    x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
-    if x is None or x.shape[0] == 0:
-        return None
-    return evaluate_accuracy(model, x, y, lambda xb: to_float(xb, data.info))
+def seal(data: ImageData) -> _Scores:
+    """Seal ``data``'s validation and test splits for the harness's stages (the runner holds the result)."""
+    return _Scores(data)
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +155,7 @@ class Outcome:
     queries_by: str = ""  # the teacher queries by the purpose the method tagged (ctx.queries_for)
 
 
-def distill(method: Method, teacher: nn.Module, student: Student, data: ImageData, *, token: int, seed: int,
+def distill(method: Method, teacher: nn.Module, student: Student, data: ImageData, *, sealed: _Scores, seed: int,
             device: torch.device, out_dir: Path, budget: Budget, amp: bool, data_root: Path | None,
             checkpoint_every: float = 0.0, on_log=None, on_phase=None,
             on_step: Callable[[int], None] | None = None, teacher_outputs: str = "logits") -> Outcome:
@@ -129,11 +171,12 @@ def distill(method: Method, teacher: nn.Module, student: Student, data: ImageDat
                   data_root=data_root, lineage=student.lineage, on_log=on_log,
                   on_phase=(lambda name, total: on_phase(name, total, 0)) if on_phase else None)
     mon = Monitor(budget=budget, counter=counter, clock=clock, generator=ctx.generator,
-                  evaluate=lambda model, split: evaluate(token, model, split),
+                  scores=sealed,
                   coordinate="student_steps" if method.teacher_access in (TeacherAccess.NONE, TeacherAccess.WEIGHTS)
                   else "teacher_queries",
-                  track_best=method.tracks_best, out_dir=out_dir, checkpoint_every=checkpoint_every,
+                  out_dir=out_dir, checkpoint_every=checkpoint_every,
                   on_phase=on_phase, on_step=on_step)
+    sealed.configure(method)
     counted = teacher_access.teacher_view(method.teacher_access, teacher, counter, teacher_outputs)
     model = student.model
     monitor_module.activate(mon)
@@ -153,7 +196,8 @@ def distill(method: Method, teacher: nn.Module, student: Student, data: ImageDat
         mon.finish()
         return Outcome(student=model, seconds=round(seconds, 3), teacher_queries=counter.count,
                        student_steps=mon.student_steps, stopped_by=mon.stopped_by or mon.cut_by,
-                       real_samples_used=ctx.real_samples_used, best_test=mon.best_test, anytime=mon.anytime,
+                       real_samples_used=ctx.real_samples_used + (sealed.validation_size() if method.validation_feedback else 0),
+                       best_test=sealed.best_test(), anytime=sealed.curve(),
                        iterations=sum(mon.phase_totals), amp_active=ctx.amp_active,
                        peak_mem_mb=round(peak_memory_mb(device), 1), resumed_from=mon.resumed_from,
                        queries_by=counter.breakdown())
@@ -182,12 +226,12 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def measure(model: nn.Module, token: int, input_shape: tuple[int, int, int]) -> Measurement:
+def measure(model: nn.Module, sealed: _Scores, input_shape: tuple[int, int, int]) -> Measurement:
     """Final test accuracy (the headline), validation accuracy, params and FLOPs/MACs of the returned student."""
-    test = evaluate(token, model, "test")
+    test = sealed._accuracy(model, "test")
     if test is None or not math.isfinite(test):
         raise FloatingPointError(f"student accuracy is {test}")
-    val = evaluate(token, model, "val")
+    val = sealed._accuracy(model, "val")
     flops, macs = count_flops(model, input_shape)
     return Measurement(test_acc=test, val_acc=val, params=count_params(model), flops=flops, macs=macs)
 

@@ -141,6 +141,7 @@ def base_row(cell: Cell, device: torch.device | str) -> dict[str, Any]:
     return {
         "cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset, "teacher": cell.teacher,
         "student": cell.student, "method": cell.method, "label": cell.label, "preset": cell.preset or "",
+        "tuning": cell.tuning,
         "seed": cell.seed, "budget": cell.compute.fraction, "compute_cap": budget_text(cell),
         "validation": "" if cell.validation is None else cell.validation, "teacher_outputs": cell.teacher_outputs,
         "teacher_checkpoint": cell.teacher_checkpoint or "", "teacher_pretrained": cell.teacher_pretrained or "",
@@ -242,7 +243,6 @@ class Runner:
                 (cell_dir / name).unlink(missing_ok=True)
         (cell_dir / "error.txt").unlink(missing_ok=True)
         row = base_row(cell, opts.device)
-        token = None
         threads = torch.get_num_threads()
         torch.set_num_threads(cell.threads)
         try:
@@ -263,21 +263,23 @@ class Runner:
             method = method_cls(method_cls.resolve_config(cell.dataset, cell.preset, cell.params)[1])
             cost = student.lineage.cost if student.lineage else None
             search_samples = cost.real_samples if cost else 0
-            access = effective_access(method_cls.data_access, search_samples)
+            # a method that selects on labelled validation accuracy reads labelled real samples (FEW at least)
+            access = effective_access(method_cls.data_access, search_samples + method_cls.validation_feedback)
             teacher_access = method_cls.teacher_access
             if student.lineage is not None and teacher_access is TeacherAccess.NONE:
                 teacher_access = TeacherAccess.WEIGHTS  # a derived student starts from the teacher's weights
-            row.update(data_access=access.value, teacher_access=teacher_access.value)
+            row.update(data_access=access.value, teacher_access=teacher_access.value,
+                       validation_feedback=int(method_cls.validation_feedback))
 
-            token = provision.seal(data)
+            sealed = provision.seal(data)  # the validation and test splits, out of the method's reach
             progress = self.progress
             outcome = provision.distill(
-                method, teacher.model, student, data, token=token, seed=cell.seed, device=opts.device, out_dir=cell_dir,
+                method, teacher.model, student, data, sealed=sealed, seed=cell.seed, device=opts.device, out_dir=cell_dir,
                 budget=cell.compute, amp=cell.amp, data_root=opts.data_root, checkpoint_every=cell.checkpoint_every,
                 on_log=progress.log if progress else None,
                 on_phase=(lambda name, total, done: progress.phase(f"{cell.label}: {name}", total, done)) if progress else None,
                 on_step=progress.step if progress else None, teacher_outputs=cell.teacher_outputs or "logits")
-            measured = provision.measure(outcome.student, token, input_shape)
+            measured = provision.measure(outcome.student, sealed, input_shape)
             record = {**student.record(cell.student, info), "mean": list(info.mean), "std": list(info.std)}
             provision.save_student(outcome.student, record, cell_dir)  # mean/std: the input a deployment must feed
             _write_jsonl(cell_dir / "anytime.jsonl", outcome.anytime)
@@ -305,8 +307,6 @@ class Runner:
             provision.discard_checkpoint(cell_dir)
         finally:
             torch.set_num_threads(threads)
-            if token is not None:
-                provision.unseal(token)
         row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         return row
 

@@ -24,8 +24,8 @@ RECORD_ONLY = ("teacher_checkpoint", "teacher_pretrained", "data_options", "inpu
 
 # The public column set (DESIGN.md "Results"); scripts and the report read these names.
 COLUMNS = [
-    "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "seed",
-    "budget", "compute_cap", "validation", "data_access", "real_samples_used", "teacher_access", "teacher_outputs",
+    "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "tuning", "seed",
+    "budget", "compute_cap", "validation", "data_access", "real_samples_used", "validation_feedback", "teacher_access", "teacher_outputs",
     "teacher_queries", "teacher_queries_by", "student_steps", "stopped_by", "teacher_acc", "student_acc",
     "student_acc_val", "student_acc_best", "best_protocol",
     "params", "flops", "macs", "arch_id", "num_classes", "input_shape", "teacher_params", "teacher_macs",

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.method import register
+from bench.search_space import Choice, Float, Int
 from methods.deepinversion import (CPU_SETTINGS, DATAFREE_SYNTHESIS, PRESET_FOR_DATASET, DeepInversion,
                                    DeepInversionConfig)
 
@@ -52,6 +53,18 @@ class ADI(DeepInversion):
     """Adaptive DeepInversion (Yin et al., CVPR 2020): DeepInversion + (1 - JS) competition with the student."""
 
     Config = ADIConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "lr_g": Float(0.01, 0.5, log=True),
+        "g_steps": Int(5, 100, log=True),
+        "kd_steps": Int(5, 100, log=True),
+        "synth_batch": Choice(32, 64, 128),
+        "bn": Float(0.1, 10.0, log=True),
+        "tv": Float(1e-5, 1e-2, log=True),
+        "cig_scale": Float(0.1, 10.0, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "ADI"

@@ -55,6 +55,7 @@ from torch import nn
 
 from bench.config import ConfigError
 from bench.method import register
+from bench.search_space import Choice, Float, Int
 from methods.bn_stats import BNStatistics, require_batchnorm
 from methods.generator import DataFreeGenerator, reinitialise
 from methods.image_priors import normalise, random_crop, random_flip_each, random_resized_crop
@@ -243,6 +244,18 @@ class CMI(InversionMethod):
     """CMI (Fang et al., IJCAI 2021): per-batch generators with BN, adversarial and contrastive terms."""
 
     Config = CMIConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "lr_g": Float(1e-3, 0.1, log=True),
+        "g_steps": Int(5, 100, log=True),
+        "kd_steps": Int(5, 100, log=True),
+        "synth_batch": Choice(32, 64, 128, 256),
+        "gen_width": Choice(4, 8, 16, 32),
+        "adv": Float(0.1, 2.0),
+        "cr": Float(0.1, 2.0),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "CMI"

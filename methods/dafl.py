@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, make_optimizer
+from bench.search_space import Choice, Float
 from methods.generator import DAFLGenerator, save_image_grid
 from methods.losses import kd_loss
 
@@ -154,6 +155,17 @@ class DAFL(Method):
     data_access = DataAccess.NONE
     teacher_access = TeacherAccess.GRADIENTS
     Config = DAFLConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-1, log=True),
+        "lr_G": Float(1e-3, 1.0, log=True),
+        "batch_size": Choice(64, 128, 256, 512),
+        "gen_width": Choice(16, 32, 64, 128),
+        "oh": Float(0.05, 5.0, log=True),
+        "a": Float(0.01, 1.0, log=True),
+        "ie": Float(0.5, 20.0, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     tracks_best = True  # the official code keeps the best test-set epoch

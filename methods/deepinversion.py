@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from bench.config import ConfigError
 from bench.method import register
+from bench.search_space import Choice, Float, Int
 from methods.bn_stats import BNStatistics, require_batchnorm
 from methods.image_priors import (clamp_to_bounds, l2_prior, pixel_bounds, random_flip, random_jitter,
                                   total_variation_4)
@@ -201,6 +202,17 @@ class DeepInversion(InversionMethod):
     """DeepInversion (Yin et al., CVPR 2020): BN-statistics pixel inversion, KD on a growing image pool."""
 
     Config = DeepInversionConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "lr_g": Float(0.01, 0.5, log=True),
+        "g_steps": Int(5, 100, log=True),
+        "kd_steps": Int(5, 100, log=True),
+        "synth_batch": Choice(32, 64, 128),
+        "bn": Float(0.1, 10.0, log=True),
+        "tv": Float(1e-5, 1e-2, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "DeepInversion"

@@ -32,6 +32,7 @@ import torch
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, make_optimizer
+from bench.search_space import Choice, Float, Int
 from methods.adversarial import class_entropy, logit_l1, make_scheduler, optimizer_step, sample_std, save_samples
 from methods.generator import DAFLGenerator
 
@@ -143,6 +144,15 @@ class DFAD(Method):
     data_access = DataAccess.NONE
     teacher_access = TeacherAccess.GRADIENTS
     Config = DFADConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-3, 0.3, log=True),
+        "lr_G": Float(1e-4, 1e-2, log=True),
+        "batch_size": Choice(64, 128, 256, 512),
+        "gen_width": Choice(16, 32, 64, 128),
+        "kd_steps": Int(1, 10),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     tracks_best = True  # the official code keeps the best test-set epoch

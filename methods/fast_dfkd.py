@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from bench.config import ConfigError
 from bench.method import register
+from bench.search_space import Choice, Float, Int
 from methods.bn_stats import BNStatistics, require_batchnorm
 from methods.generator import DataFreeGenerator, reinitialise
 from methods.image_pool import ImagePool
@@ -207,6 +208,19 @@ class FastDFKD(InversionMethod):
     """Fast-DFKD (Fang et al., AAAI 2022): meta-learned generator, few inner steps per batch, KD on the pool."""
 
     Config = FastDFKDConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "lr_g": Float(1e-4, 1e-2, log=True),
+        "lr_z": Float(1e-3, 0.1, log=True),
+        "g_steps": Int(1, 20),
+        "kd_steps": Int(5, 100, log=True),
+        "synth_batch": Choice(32, 64, 128, 256),
+        "gen_width": Choice(4, 8, 16, 32),
+        "bn": Float(1.0, 30.0, log=True),
+        "adv": Float(0.1, 2.0),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "Fast-DFKD"

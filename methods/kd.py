@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
+from bench.search_space import Choice, Float
 from methods.losses import kd_loss, teacher_scores
 
 # The RepDistiller CIFAR-100 benchmark setting (Tian et al., ICLR 2020, "Contrastive Representation
@@ -42,6 +43,14 @@ class KD(Method):
     data_access = DataAccess.FULL
     teacher_access = TeacherAccess.OUTPUTS
     Config = KDConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "batch_size": Choice(64, 128, 256, 512),
+        "temperature": Float(1.0, 20.0, log=True),
+        "alpha": Float(0.1, 0.99),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
 

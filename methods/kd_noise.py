@@ -13,6 +13,7 @@ import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
+from bench.search_space import Choice, Float
 from methods.losses import kd_loss, teacher_scores
 
 # DAFL's student optimisers and budgets (METHODS.md, DAFL table): 120 iterations per "epoch".
@@ -38,6 +39,13 @@ class KDNoise(Method):
     data_access = DataAccess.NONE
     teacher_access = TeacherAccess.OUTPUTS
     Config = KDNoiseConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-1, log=True),
+        "batch_size": Choice(64, 128, 256, 512),
+        "temperature": Float(1.0, 20.0, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from bench.method import DataAccess, Method, TeacherAccess, register
 from bench.training import TrainConfig, fit_schedule, train
+from bench.search_space import Choice, Float
 from methods.kd import PRESET_FOR_DATASET, PRESETS
 
 
@@ -25,6 +26,12 @@ class StudentOnly(Method):
     data_access = DataAccess.FULL
     teacher_access = TeacherAccess.NONE
     Config = StudentOnlyConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "batch_size": Choice(64, 128, 256, 512),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from bench.config import ConfigError
 from bench.method import register
+from bench.search_space import Choice, Float, Int
 from methods.image_priors import normalise
 from methods.pool_kd import InversionMethod, PoolKDConfig, Synthesis
 
@@ -202,6 +203,17 @@ class ZSKD(InversionMethod):
     """ZSKD (Nayak et al., ICML 2019): Dirichlet soft targets from class similarity, data impressions, KD."""
 
     Config = ZSKDConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-2, log=True),
+        "lr_g": Float(0.01, 0.5, log=True),
+        "g_steps": Int(5, 100, log=True),
+        "kd_steps": Int(5, 100, log=True),
+        "synth_batch": Choice(32, 64, 128, 256),
+        "di_temperature": Float(1.0, 40.0, log=True),
+        "temperature": Float(1.0, 40.0, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "ZSKD"

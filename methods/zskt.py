@@ -48,6 +48,7 @@ import torch
 
 from bench.config import ConfigError
 from bench.method import DataAccess, Method, MethodConfig, TeacherAccess, register
+from bench.search_space import Choice, Float, Int
 from methods.adversarial import (BatchCache, class_entropy, logit_kl, make_scheduler, optimizer_step, sample_std,
                                  save_samples)
 from methods.attention import LayerOutputs, attention_layers, attention_loss
@@ -176,6 +177,16 @@ class ZSKT(Method):
     data_access = DataAccess.NONE
     teacher_access = TeacherAccess.GRADIENTS
     Config = ZSKTConfig
+    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
+    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
+    search_space = {
+        "lr": Float(1e-4, 1e-1, log=True),
+        "lr_G": Float(1e-4, 1e-2, log=True),
+        "batch_size": Choice(32, 64, 128, 256),
+        "gen_width": Choice(16, 32, 64, 128),
+        "kd_steps": Int(1, 10),
+        "at_beta": Float(10.0, 1000.0, log=True),
+    }
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
 

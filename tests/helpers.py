@@ -36,10 +36,7 @@ def run_distill(method, teacher: torch.nn.Module, student: torch.nn.Module, data
     from bench import provision
     from bench.students import Student
 
-    token = provision.seal(data)
-    try:
-        return provision.distill(method, teacher, Student(student, lineage), data, token=token, seed=seed, device=CPU,
-                                 out_dir=out_dir, budget=budget if isinstance(budget, Budget) else Budget(fraction=budget),
-                                 amp=False, data_root=None, checkpoint_every=checkpoint_every)
-    finally:
-        provision.unseal(token)
+    return provision.distill(method, teacher, Student(student, lineage), data, sealed=provision.seal(data), seed=seed,
+                             device=CPU, out_dir=out_dir,
+                             budget=budget if isinstance(budget, Budget) else Budget(fraction=budget),
+                             amp=False, data_root=None, checkpoint_every=checkpoint_every)

@@ -359,13 +359,9 @@ def test_resume_mid_round_ends_where_the_uninterrupted_run_ends(name, digits, bn
             if step == kill_at:
                 raise _Kill
 
-        token = provision.seal(digits)
-        try:
-            return provision.distill(method(cfg), bn_teacher.model, Student(student), digits, token=token, seed=0,
-                                     device=CPU, out_dir=out, budget=budget, amp=False, data_root=None,
-                                     checkpoint_every=1e-9, on_step=on_step)
-        finally:
-            provision.unseal(token)
+        return provision.distill(method(cfg), bn_teacher.model, Student(student), digits, sealed=provision.seal(digits),
+                                 seed=0, device=CPU, out_dir=out, budget=budget, amp=False, data_root=None,
+                                 checkpoint_every=1e-9, on_step=on_step)
 
     straight = run(tmp_path / "straight")
     with pytest.raises(_Kill):

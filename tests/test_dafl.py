@@ -231,7 +231,7 @@ def test_short_dafl_run_on_digits_improves_the_student_without_real_data(digits,
     assert outcome.real_samples_used == 0
     assert outcome.teacher_queries == 60 * 64  # one teacher forward per iteration (evaluation uses the student only)
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in curve if "val_acc" in row] == [30, 60]  # the method's evaluation points
+    assert not any("val_acc" in row for row in curve)  # ctx.evaluate gave the method no labelled feedback
     assert outcome.best_test is not None and outcome.best_test >= after - 1e-9  # recorded, never returned
     logged = [row for row in curve if "loss_g" in row]
     assert [row["step"] for row in logged] == [20, 40, 60]

@@ -136,8 +136,9 @@ def test_alternative_data_from_the_tasks_own_source_is_refused(tmp_path):
     assert images.shape == (10000, 1, 32, 32)
 
 
-def test_a_method_cannot_obtain_test_accuracy(digits, teacher, tmp_path):
-    """ctx.evaluate answers with validation accuracy; the best-on-test of a paper protocol is recorded, not returned."""
+def test_a_data_free_method_gets_no_labelled_feedback(digits, teacher, tmp_path):
+    """ctx.evaluate returns None to a method that did not declare validation_feedback; a paper protocol's
+    best-on-test and the anytime curve are still recorded by the harness."""
     from bench.method import Method
     from bench.metrics import evaluate_accuracy
     from bench.models import create_model
@@ -160,9 +161,112 @@ def test_a_method_cannot_obtain_test_accuracy(digits, teacher, tmp_path):
     student.load_state_dict(teacher.model.state_dict())  # a good student: val and test accuracies are meaningful
     outcome = run_distill(Peek(Peek.Config()), teacher.model, student, digits, tmp_path)
     acc = lambda x, y: evaluate_accuracy(student, x, y, lambda xb: to_float(xb, digits.info))  # noqa: E731
-    assert seen == [pytest.approx(acc(digits.val_x, digits.val_y))]
+    assert seen == [None]
     assert outcome.best_test == pytest.approx(acc(digits.test_x, digits.test_y))
+    assert outcome.anytime[-1]["val_acc"] == pytest.approx(acc(digits.val_x, digits.val_y), abs=1e-3)
+    assert outcome.real_samples_used == 0
     assert acc(digits.val_x, digits.val_y) != acc(digits.test_x, digits.test_y)  # the two are told apart
+
+
+def test_a_method_that_declares_validation_feedback_gets_it_and_its_row_counts_the_images(digits, teacher, tmp_path):
+    from bench.method import Method
+    from bench.metrics import evaluate_accuracy
+    from bench.models import create_model
+    from bench.transforms import to_float
+    from tests.helpers import run_distill
+
+    seen = []
+
+    class Selects(Method):
+        data_access = DataAccess.NONE
+        validation_feedback = True
+
+        def distill(self, teacher, student, ctx):
+            for step in ctx.steps(1, "select"):
+                seen.append(ctx.evaluate(student, step))
+            return student
+
+    student = create_model("lenet5", 10, 1, 32)
+    student.load_state_dict(teacher.model.state_dict())
+    outcome = run_distill(Selects(Selects.Config()), teacher.model, student, digits, tmp_path)
+    acc = evaluate_accuracy(student, digits.val_x, digits.val_y, lambda xb: to_float(xb, digits.info))
+    assert seen == [pytest.approx(acc)]
+    assert outcome.real_samples_used == digits.val_x.shape[0]
+
+
+def _reachable(root, depth=3, private=False):
+    """Every object reachable from ``root`` through public attributes (names without a leading underscore;
+    every name with ``private``), dict values and list items, ``depth`` levels deep."""
+    import types
+
+    seen, frontier = {}, [root]
+    for level in range(depth + 1):
+        following = []
+        for obj in frontier:
+            if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+                continue
+            if level and isinstance(obj, types.ModuleType) and obj.__name__.split(".")[0] not in ("bench", "methods"):
+                continue  # torch, numpy, ...: not the harness's
+            seen[id(obj)] = obj
+            if isinstance(obj, dict):
+                following += [v for k, v in obj.items() if not str(k).startswith("_")]
+            elif isinstance(obj, (list, tuple, set)):
+                following += list(obj)[:50]
+            elif not isinstance(obj, torch.Tensor):
+                names = dir(obj) + list(getattr(type(obj), "__slots__", ()))
+                for name in names:
+                    if name.startswith("__") or (name.startswith("_") and not private):
+                        continue
+                    try:
+                        following.append(getattr(obj, name))
+                    except Exception:
+                        pass
+        frontier = following
+    return list(seen.values())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_plugin_that_searches_the_public_modules_for_an_evaluator_finds_none(digits, teacher, tmp_path):
+    """From inside distill(), nothing public (the context, the teacher view, the active monitor, the public
+    globals of every bench and methods module) leads to the validation or test images, to a callable that
+    scores a student on them, or to the anytime curve's validation accuracies."""
+    import sys
+
+    from bench import monitor
+    from bench.method import Method
+    from bench.models import create_model
+    from tests.helpers import run_distill
+
+    found, control = [], []
+
+    class Searcher(Method):
+        data_access = DataAccess.NONE
+        tracks_best = True
+
+        def distill(self, teacher, student, ctx):
+            for step in ctx.steps(2, "search"):
+                pass
+            modules = [m for name, m in list(sys.modules.items()) if name.split(".")[0] in ("bench", "methods")]
+            roots = [ctx, teacher, monitor.active(), *modules]
+            held = {id(t) for t in (digits.val_x, digits.test_x, digits.val_y, digits.test_y)}
+            for root in roots:
+                for obj in _reachable(root):
+                    if isinstance(obj, torch.Tensor) and id(obj) in held:
+                        found.append(("split", root))
+                    if isinstance(obj, dict) and "val_acc" in obj:
+                        found.append(("curve", root))
+                    if callable(obj) and getattr(obj, "__name__", "") == "<lambda>" \
+                            and getattr(obj, "__module__", "") in ("bench.provision", "bench.monitor"):
+                        found.append(("evaluator", root))  # the harness's closures over the splits
+            # the same search through private attributes too does reach the splits: it is a real search
+            control.append(any(id(o) in held for o in _reachable(monitor.active(), private=True)))
+            return student
+
+    student = create_model("lenet5", 10, 1, 32)
+    outcome = run_distill(Searcher(Searcher.Config()), teacher.model, student, digits, tmp_path)
+    assert outcome.anytime  # the harness did evaluate (the curve exists) ...
+    assert found == []  # ... and the method reached none of it
+    assert control == [True]
 
 
 def test_the_validation_split_is_held_out_stratified_and_fixed():
