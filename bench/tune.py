@@ -116,14 +116,20 @@ def plan_trials(space: Space, first: dict[str, Any], n: int, seed: int) -> list[
 
 def study_name(entry: MethodEntry, spec: TuneSpec, code_hash: str) -> str:
     label = entry.label or entry.name
-    return (f"{label}|{spec.track}|{spec.dataset}|{spec.teacher}->{spec.student}|{tracks.cap_text(to_dict(_budget(spec)))}"
+    return (f"{label}|{spec.track}|{spec.dataset}|{spec.teacher}->{spec.student}|"
+            f"{tracks.cap_text(to_dict(trial_budget(spec, entry)))}"
             f"|seeds={','.join(map(str, spec.seeds))}|{spec.sampler}:{spec.sampler_seed}|code={code_hash}")
 
 
+def trial_budget(spec: TuneSpec, entry: MethodEntry):
+    """The cap a trial runs at: the entry's own budget (its evaluation's, e.g. KD's converged epochs), else the block's."""
+    return as_budget(entry.budget, f"methods: {entry.name}: budget") if entry.budget is not None else _budget(spec)
+
+
 def trial_grid(grid: Grid, spec: TuneSpec, entry: MethodEntry, values: dict[str, Any], threads: int) -> Grid:
-    """One trial as a grid: the task's dataset and pair, the entry with ``values``, the task's cap and seeds."""
+    """One trial as a grid: the task's dataset and pair, the entry with ``values``, its cap, the task's seeds."""
     return Grid(name=f"tune-{grid.name}", datasets=[spec.dataset], pairs=[PairSpec(spec.teacher, spec.student)],
-                methods=[MethodEntry(name=entry.name, params={**entry.params, **values}, budget=_budget(spec),
+                methods=[MethodEntry(name=entry.name, params={**entry.params, **values}, budget=trial_budget(spec, entry),
                                      label=entry.label, amp=entry.amp)],
                 seeds=list(spec.seeds), teacher_seed=grid.teacher_seed,
                 teacher_recipe={k: v for k, v in grid.teacher_recipe.items() if k == spec.dataset},
@@ -335,7 +341,7 @@ def record_of(study, entry: MethodEntry, spec: TuneSpec, code: str, source: str,
         "values": _plain(best.params), "score": round(best.value, 3), "best_trial": best.number,
         "paper_score": next((h["score"] for h in history if h["values"] == _plain(first)), None),
         "task": {"dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
-                 "budget": to_dict(_budget(spec)), "seeds": list(spec.seeds), "validation": spec.validation,
+                 "budget": to_dict(trial_budget(spec, entry)), "seeds": list(spec.seeds), "validation": spec.validation,
                  "objective": "mean final validation accuracy over the seeds"},
         "trials": len(trials), "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "track": spec.track,
         "grid": source, "method_entry": entry.label or entry.name, "code_hash": code,
@@ -395,7 +401,7 @@ def tune(grid: Grid, opts: RunOptions, *, source: str, entries: Iterable[MethodE
                 echo(f"{label}: no search space declared; its paper values stand (nothing to tune)")
                 continue
             echo(f"{label}: {spec.trials} trials on {spec.dataset} ({spec.teacher} -> {spec.student}, "
-                 f"{_budget(spec).describe()}, seeds {spec.seeds}, {spec.sampler} search)")
+                 f"{trial_budget(spec, entry).describe()}, seeds {spec.seeds}, {spec.sampler} search)")
             record = tune_entry(grid, spec, entry, opts=opts, store=store, storage=storage, jobs=jobs,
                                 plugins=list(plugins) + list(grid.plugins), source=source, echo=echo)
             key = tracks.record_key(method, spec.dataset, spec.track)

@@ -87,14 +87,6 @@ PRESETS = {
                     momentum=0.9, weight_decay=5e-4, lr_G=1e-3, milestones=[100, 200], lr_decay=0.1),
     "cifar100": dict(batch_size=256, latent_dim=256, epochs=500, iters_per_epoch=50, optimizer="sgd", lr=0.1,
                      momentum=0.9, weight_decay=5e-4, lr_G=1e-3, milestones=[100, 200], lr_decay=0.1),
-    # The harness's CPU settings (not the paper's) for Fashion-MNIST lenet5_bn -> lenet5_half in ~45 s on
-    # 2 cores (1,500 student steps), chosen by validation accuracy under step caps (issue 15): the paper's
-    # optimiser and step ratio with a narrower generator (32), batch 64 and lr_G 3e-5. At lr_G 1e-3 the
-    # generator wins the game at this length (L1 rising to 8-10, per-pixel std 0.66, 13-17 %); lr_G 1e-4..1e-5,
-    # Adam for the student, width 16 or 64, kd_steps 2 or 10 all ended at 20-39 % (about 30 % on average):
-    # the generator's images stay on 2-3 of the teacher's classes (t_entropy ~1 nat of ln 10 = 2.3).
-    "cpu": dict(batch_size=64, latent_dim=100, epochs=6, iters_per_epoch=50, optimizer="sgd", lr=0.01,
-                momentum=0.9, weight_decay=1e-4, lr_G=3e-5, milestones=[], gen_width=32),
 }
 PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mnist", "mnist_5k": "mnist",
                       "mnist_t10k": "mnist", "cifar10": "cifar10", "svhn": "cifar10", "cifar100": "cifar100"}

@@ -111,11 +111,6 @@ PRESETS = {
     "cifar10": dict(_DATAFREE, lr=0.1),  # scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (+ datafree_kd.py defaults)
     "cifar100": dict(_DATAFREE, lr=0.05),  # scripts/dfq/dfq_cifar10_res34_res18.sh (runs --dataset cifar100)
     "mnist": dict(_DATAFREE, lr=0.1),  # harness choice: DataFree's CIFAR-10 setting (no MNIST run exists)
-    # The harness's CPU settings (not the paper's) for Fashion-MNIST lenet5_bn -> lenet5_half in ~45 s on
-    # 2 cores (800 student steps), chosen by validation accuracy under step caps (issue 15): DataFree's
-    # setting with a generator of width 32 and batch 128 (width 16: 50 %, batch 64 at equal CPU time: 56 %,
-    # against 65 % here).
-    "cpu": dict(_DATAFREE, lr=0.1, batch_size=128, gen_width=32, epochs=2),
 }
 PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mnist", "mnist_5k": "mnist",
                       "mnist_t10k": "mnist", "cifar10": "cifar10", "svhn": "cifar10", "cifar100": "cifar100"}

@@ -124,12 +124,6 @@ PRESETS = {
     # the paper has no MNIST experiment
     "mnist": dict(pseudo_batches=1_000, g_steps=1, kd_steps=7, batch_size=128, latent_dim=100, lr=2e-3,
                   lr_G=1e-3, temperature=1.0, at_beta=250.0, grad_clip=5.0, schedule="cosine"),
-    # The harness's CPU settings (not the paper's) for Fashion-MNIST lenet5_bn -> lenet5_half in ~45 s on
-    # 2 cores (1,750 student steps), chosen by validation accuracy under step caps (issue 15): the official
-    # LeNet settings with a generator of width 32 and 10 student steps per round. Width 16 and 20 steps per
-    # round were worse at equal CPU time; without attention transfer 39 % instead of 46 % (1,000 steps).
-    "cpu": dict(pseudo_batches=175, g_steps=1, kd_steps=10, batch_size=128, latent_dim=100, lr=2e-3,
-                lr_G=1e-3, temperature=1.0, at_beta=250.0, grad_clip=5.0, schedule="cosine", gen_width=32),
 }
 PRESET_FOR_DATASET = {"mnist": "mnist", "fashion_mnist": "mnist", "digits": "mnist", "mnist_5k": "mnist",
                       "mnist_t10k": "mnist", "cifar10": "cifar10", "svhn": "cifar10", "cifar100": "cifar10"}
