@@ -122,6 +122,24 @@ class ReportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- loading
+TRACK_SUFFIX = {"tuned": " [tuned]", "oracle": " [oracle]"}  # appended to a row's label by its track
+
+
+def tuning_note(df: pd.DataFrame) -> str:
+    """What the tracks of the rows mean (docs/tuning.md); "" when every row ran paper or hand-set values."""
+    tuned = sorted(set(df.loc[df["track"] == "tuned", "tuning"]))
+    parts = []
+    if tuned:
+        parts.append(f"'[tuned]' rows ran the values `bench tune` chose on a development task ({', '.join(tuned)}: "
+                     "dataset, trials and cap), never on the scored task.")
+    if (df["track"] == "oracle").any():
+        parts.append("'[oracle]' rows were tuned on the scored dataset's own validation split: an upper bound on what "
+                     "tuning can give, not a method's result; compare them with the paper and tuned rows, never rank them.")
+    if parts:
+        parts.append("Rows without a mark ran the papers' values (tuning: paper) or hand-set ones (tuning: default).")
+    return " ".join(parts)
+
+
 def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """``runs.csv`` as a DataFrame (numbers parsed, one row per cell) and notes about what it lacks."""
     results_dir = Path(results_dir)
@@ -164,6 +182,11 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     df["status"] = df["status"].replace("", "failed")
     df.loc[(df["status"] == "ok") & df["student_acc"].isna(), "status"] = "failed"
     df["label"] = df["label"].where(df["label"] != "", df["method"])
+    # the track a row ran (bench.tracks): tuned and oracle rows are labelled, so every table and figure keeps them
+    # apart from the paper track (and an oracle, tuned on the scored task, never passes for a method's result)
+    track = df["tuning"].str.split(":").str[0]
+    df["track"] = track.where(track != "", "paper")
+    df["label"] = df["label"] + track.map(TRACK_SUFFIX).fillna("")
     for column in ("dataset", "teacher", "student", "label", "data_access"):
         df[column] = df[column].replace("", "?")
     df["pair"] = df["teacher"] + " → " + df["student"]
@@ -1277,6 +1300,8 @@ def render(results_dir: Path, out: Path | None = None, latency_backend: str | No
                     stale.unlink()
         folder.mkdir(parents=True, exist_ok=True)
 
+    if tuning_note(df):
+        notes.append(tuning_note(df))
     backend = choose_backend(df, latency_backend)
     agg = aggregate(df, backend)
     teachers = teachers_of(df)

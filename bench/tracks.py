@@ -6,8 +6,8 @@ A grid's method entry chooses a track with ``preset`` (docs/tuning.md):
   method's preset for the dataset, else its Config defaults). Rows say ``tuning: paper``; an entry
   whose ``params`` override a field of the method's search space says ``default`` (hand-set values).
 - ``tuned``: the paper values with the tuned values of the tuned-presets file on top. The values were
-  chosen by ``bench tune`` on a *development* task of the same data family (the method's preset for
-  the dataset: ``mnist`` for the grey 32-px sets), never on the scored task. Rows say
+  chosen by ``bench tune`` on a *development* task of the same data family (:data:`FAMILIES`: MNIST
+  for the grey 32-px sets), never on the scored task. Rows say
   ``tuned:<dataset>:<trials>@<cap>``.
 - ``oracle``: tuned on the scored dataset's own validation split: an upper bound, labelled ``oracle``
   everywhere and never the headline.
@@ -27,7 +27,11 @@ import yaml
 from bench.config import ConfigError
 
 TRACKS = ("paper", "tuned", "oracle")
-TUNE_GRIDS = {"mnist": "examples/studies/tune_grey32.yaml"}  # the study grid that tunes each family
+# Data families: datasets whose images share a format (channels, size, kind), so that values tuned on one carry
+# to another. A dataset outside them is a family of its own.
+FAMILIES = {"grey32": ("mnist", "fashion_mnist", "digits", "mnist_5k", "mnist_t10k"),
+            "rgb32": ("cifar10", "cifar100", "svhn")}
+TUNE_GRIDS = {"grey32": "examples/studies/tune_grey32.yaml"}  # the study grid that tunes each family
 
 
 def default_tuned_file() -> Path:
@@ -36,8 +40,8 @@ def default_tuned_file() -> Path:
 
 
 def family(method_cls: type, dataset: str) -> str:
-    """The data family of ``dataset`` for a method: the name of its paper preset there ("default" if none)."""
-    return method_cls.preset_for_dataset.get(dataset) or "default"
+    """The data family of ``dataset`` (:data:`FAMILIES`; the dataset's own name outside them)."""
+    return next((name for name, members in FAMILIES.items() if dataset in members), dataset)
 
 
 def record_key(method_cls: type, dataset: str, track: str) -> str:
