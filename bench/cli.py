@@ -269,8 +269,12 @@ def tune(grid_name, trials, jobs, only, out, storage, tuned_file, plugins, no_pr
     options = RunOptions(out=out or Path("results") / f"tune-{grid.name}", device=resolve_device(device),
                          data_root=data_root, cache_dir=cache_dir, progress=not no_progress)
     click.echo(f"tuning grid {grid.name!r}: trials in {options.out} on {options.device}")
-    records = run_tune(grid, options, source=grid_name, entries=entries, trials=trials, jobs=jobs, storage=storage,
-                       tuned_file=tuned_file, plugins=list(plugins), echo=click.echo)
+    try:
+        records = run_tune(grid, options, source=grid_name, entries=entries, trials=trials, jobs=jobs, storage=storage,
+                           tuned_file=tuned_file, plugins=list(plugins), echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume (finished trials are kept)", err=True)
+        sys.exit(130)
     click.echo(f"{len(records)} method(s) tuned")
 
 

@@ -21,7 +21,10 @@ While a method runs, the runner installs one :class:`Monitor` as the *active* mo
 - **In-cell checkpoints** every ``checkpoint_every`` seconds: the tracked state (student, generator,
   optimisers, schedulers, batch streams, pools), every random generator, the counters, the curve's
   length. After a kill the next run resumes the cell from its last checkpoint; on the same machine and
-  thread count it ends exactly where the uninterrupted run would.
+  thread count, with MKL in its reproducible mode (``MKL_CBWR=COMPATIBLE``), it ends exactly where the
+  uninterrupted run would. Without it MKL's sgemm rounds by the buffers' memory alignment, which differs
+  between processes, so two uninterrupted CPU runs can already differ in the last bits
+  (tests/test_budget.py's resume test sets it).
 
 The validation and test images are not held here: the monitor hands the student to the sealed splits
 of :func:`bench.provision.seal`, which record and return nothing to it.

@@ -431,8 +431,15 @@ def pareto_front(points: pd.DataFrame, cost: str, gain: str) -> pd.DataFrame:
     return usable.loc[front]
 
 
+def ranked(points: pd.DataFrame) -> pd.DataFrame:
+    """The rows a ranking may pick: all but the oracle track's (tuned on the scored task: an upper bound)."""
+    return points[~points["label"].astype(str).str.endswith(TRACK_SUFFIX["oracle"])]
+
+
 def access_fronts(points: pd.DataFrame, cost: str, gain: str) -> dict[str, pd.DataFrame]:
-    """``{user: Pareto front}`` per user of :func:`user_columns`: the front of the methods that user may run."""
+    """``{user: Pareto front}`` per user of :func:`user_columns`: the front of the methods that user may run
+    (oracle rows never make a front)."""
+    points = ranked(points)
     return {user: pareto_front(usable_rows(points, user), cost, gain) for user in user_columns(points)}
 
 
@@ -441,7 +448,7 @@ def latency_budget_table(points: pd.DataFrame) -> pd.DataFrame:
     level, and the API-teacher user where present): the student and method with the best mean final test accuracy
     among the rows at or under that latency that the user may run (:func:`usable_rows`; ties: the faster, then the
     label). ``points``: aggregated rows with ``arch_latency_ms_median``."""
-    usable = points.dropna(subset=["arch_latency_ms_median", "student_acc_mean"])
+    usable = ranked(points).dropna(subset=["arch_latency_ms_median", "student_acc_mean"])
     rows = []
     for budget in sorted(usable["arch_latency_ms_median"].unique()):
         under = usable[usable["arch_latency_ms_median"] <= budget]
@@ -577,6 +584,8 @@ def best_at_budget(anytime: pd.DataFrame, x: str, budgets: Iterable[float]) -> p
     budgets = np.asarray(list(budgets), dtype=float)
     stats = {}
     for label, curves in anytime.groupby("label", sort=True):
+        if label.endswith(TRACK_SUFFIX["oracle"]):
+            continue  # an oracle (tuned on the scored task) is an upper bound, never a winner (see ranked())
         band = anytime_band(curves, x, budgets)
         stats[label] = (_first(curves["data_access"]), band)
     rows = []

@@ -31,7 +31,9 @@ TRACKS = ("paper", "tuned", "oracle")
 # to another. A dataset outside them is a family of its own.
 FAMILIES = {"grey32": ("mnist", "fashion_mnist", "digits", "mnist_5k", "mnist_t10k"),
             "rgb32": ("cifar10", "cifar100", "svhn")}
-TUNE_GRIDS = {"grey32": "examples/studies/tune_grey32.yaml"}  # the study grid that tunes each family
+# the study grid that tunes each record key (a family, or oracle:<dataset>)
+TUNE_GRIDS = {"grey32": "examples/studies/tune_grey32.yaml",
+              "oracle:fashion_mnist": "examples/studies/tune_oracle_fmnist.yaml"}
 
 
 def default_tuned_file() -> Path:
@@ -39,14 +41,14 @@ def default_tuned_file() -> Path:
     return Path(str(resources.files("bench") / "tuned.yaml"))
 
 
-def family(method_cls: type, dataset: str) -> str:
+def family(dataset: str) -> str:
     """The data family of ``dataset`` (:data:`FAMILIES`; the dataset's own name outside them)."""
     return next((name for name, members in FAMILIES.items() if dataset in members), dataset)
 
 
-def record_key(method_cls: type, dataset: str, track: str) -> str:
+def record_key(dataset: str, track: str) -> str:
     """The key of a tuned record: the family (``tuned``) or ``oracle:<dataset>``."""
-    return f"oracle:{dataset}" if track == "oracle" else family(method_cls, dataset)
+    return f"oracle:{dataset}" if track == "oracle" else family(dataset)
 
 
 def read_tuned(path: Path | str | None = None) -> dict[str, dict[str, Any]]:
@@ -81,8 +83,10 @@ def tuning_label(record: Mapping[str, Any], track: str) -> str:
     return f"tuned:{task['dataset']}:{record['trials']}@{cap_text(task['budget'])}"
 
 
-def tune_command(method: str, fam: str, record: Mapping[str, Any] | None = None) -> str:
-    grid = (record or {}).get("grid") or TUNE_GRIDS.get(fam, "<a grid whose tune: block is a task of this family>")
+def tune_command(method: str, key: str, dataset: str, record: Mapping[str, Any] | None = None) -> str:
+    """The command that (re-)tunes ``method`` for a record key (the study grid that did, or the documented one)."""
+    grid = (record or {}).get("grid") or TUNE_GRIDS.get(key) or (
+        f"<a grid whose tune: block has dataset: {dataset}{', track: oracle' if key.startswith('oracle:') else ''}>")
     return f"bench tune --grid {grid} --only {method}"
 
 
@@ -103,21 +107,17 @@ def resolve(method_cls: type, dataset: str, preset: str | None, params: Mapping[
                               f"{', '.join(TRACKS)}, or a named preset: {', '.join(sorted(method_cls.presets)) or '(none)'}")
         chosen, config = method_cls.resolve_config(dataset, preset, params, f"{where}.params")
         return chosen, config, "default"
-    key = record_key(method_cls, dataset, preset)
-    fam = family(method_cls, dataset)
+    key = record_key(dataset, preset)
     record = read_tuned(tuned_file).get(name, {}).get(key)
     if record is None:
-        what = f"the {dataset} validation split (oracle)" if preset == "oracle" else f"data family {fam!r}"
-        grid = None if preset == "oracle" else TUNE_GRIDS.get(fam)
-        command = (f"bench tune --grid {grid} --only {name}" if grid else
-                   f"bench tune --grid <a grid whose tune: block has dataset: {dataset}"
-                   f"{', track: oracle' if preset == 'oracle' else ''}> --only {name}")
+        what = f"the {dataset} validation split (oracle)" if preset == "oracle" else f"data family {family(dataset)!r}"
+        command = tune_command(name, key, dataset)
         raise ConfigError(f"{where}: preset {preset!r}: the tuned-presets file {tuned_file or default_tuned_file()} "
                           f"has no entry for method {name!r} on {what}; tune it first: {command}")
     current = method_source_hash(method_cls)
     if record.get("code_hash") != current:
         raise ConfigError(f"{where}: preset {preset!r}: method {name!r} was tuned ({key}) on code "
                           f"{record.get('code_hash')}, and its code is now {current}; the tuned values may no longer "
-                          f"hold. Re-tune: {tune_command(name, fam, record)}")
+                          f"hold. Re-tune: {tune_command(name, key, dataset, record)}")
     chosen, config = method_cls.resolve_config(dataset, None, {**record["values"], **params}, f"{where}.params")
     return chosen, config, tuning_label(record, preset)

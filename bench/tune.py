@@ -193,7 +193,6 @@ class _Running:
     trial: Any
     cells: list
     rows: dict[str, dict[str, str]] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
 
 
 def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptions, store: ResultsStore,
@@ -226,26 +225,24 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
         return [t for t in study.get_trials(deepcopy=False) if "outcome" in t.user_attrs
                 and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
 
-    def running_elsewhere():
-        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    def running():  # this process's trials and those of other live processes (machines sharing the study)
+        return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
     def next_values() -> dict[str, Any] | None:
-        taken = [t.params for t in finished()] + [t.params for t in running_elsewhere()] + \
-                [r.trial.params for r in in_flight.values()]
+        taken = [t.params for t in finished()] + [t.params for t in running()]
         if plan is not None:
             return next((dict(v) for v in plan if v not in taken), None)
         if len(taken) >= spec.trials:
             return None
         return dict(first) if not taken else {}  # {}: TPE draws
 
-    executor = _InProcess(Runner(dataclasses.replace(opts, progress=opts.progress))) if jobs == 1 \
-        else _Pool(opts, jobs, threads, plugins)
+    driver = Runner(opts)
+    executor = _InProcess(driver) if jobs == 1 else _Pool(opts, jobs, threads, plugins)
     in_flight: dict[int, _Running] = {}
     pending: dict[futures.Future, tuple[int, Any]] = {}
-    driver = Runner(opts)
     try:
         while True:
-            while len(in_flight) < jobs and len(finished()) + len(running_elsewhere()) < spec.trials:
+            while len(in_flight) < jobs and len(finished()) + len(running()) < spec.trials:
                 values = next_values()
                 if values is None:
                     break
@@ -404,7 +401,7 @@ def tune(grid: Grid, opts: RunOptions, *, source: str, entries: Iterable[MethodE
                  f"{trial_budget(spec, entry).describe()}, seeds {spec.seeds}, {spec.sampler} search)")
             record = tune_entry(grid, spec, entry, opts=opts, store=store, storage=storage, jobs=jobs,
                                 plugins=list(plugins) + list(grid.plugins), source=source, echo=echo)
-            key = tracks.record_key(method, spec.dataset, spec.track)
+            key = tracks.record_key(spec.dataset, spec.track)
             write_record(target, method.name, key, record)
             records[label] = record
             echo(f"{label}: best trial {record['best_trial']} validation {record['score']:.2f} "

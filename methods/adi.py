@@ -19,10 +19,9 @@ DataFree's (SGD 0.1, cosine, T 20): the paper's KD optimiser is not in the offic
 DeepInversion) and the paper's CIFAR-10 value was not checked against the PDF; the ``cifar10`` preset uses
 1.0, the weight of the same term in DataFree's DeepInversion script (``--adv 1`` on ``-JS``, which
 equals ``1 - JS`` up to a constant). ``cifar10_datafree`` is that script exactly (one batch per 400
-steps, 200 epochs). ``mnist``: the harness's CPU settings (not the paper's): deepinversion's ``mnist``
-preset with ``cig_scale`` 1 (and its one batch per 50 student steps). On Fashion-MNIST lenet5_bn ->
-lenet5_half (validation, 1 thread on a loaded 2-core machine): 54.8 % at 150,000 teacher queries with
-cig_scale 1 against 27.3 % with 10 (seed 0); at the quick grid's 45 s cap 56.0 / 51.4 % (seeds 0/1).
+steps, 200 epochs). ``mnist`` (the grey 32-px sets: Fashion-MNIST, MNIST, digits): the paper has no
+MNIST setting, so the grey sets run its CIFAR-10 values (the ``cifar10`` preset); tuned values come from
+``bench tune`` (docs/tuning.md, the ``tuned`` track).
 """
 from __future__ import annotations
 

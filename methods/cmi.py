@@ -27,16 +27,9 @@ Student: methods/pool_kd.py (KD at T on pool samples, one batch per ``kd_steps``
 
 Presets: ``cifar10`` = ``scripts/cmi/cmi_cifar10.sh`` (bs 256, g_steps 200, lr_g 1e-3, adv 0.5, bn 1,
 oh 1, cr 0.8, cr_T 0.2, T 20, lr 0.1, kd_steps 400, 200 epochs; bank 40,960, 4,096 negatives, head 256
-from ``datafree_kd.py``). ``mnist``: the harness's CPU settings (not the paper's), chosen by
-validation accuracy for the quick grid's 45 s cap: a width-8 generator with latent 64 (the official
-width 64 costs ~75 LeNet-5 forwards per image on a CPU), 128 images x 50 steps per batch at lr_g 1e-2,
-a bank of 4,096 entries with 1,024 negatives, one batch per 50 student steps, the student with Adam
-3e-3 at a constant lr, KD batch 128, T 20.
-Measurements: validation accuracy (``student_acc_val``) on Fashion-MNIST lenet5_bn (90.3 % test) ->
-lenet5_half, one process with 1 thread on a shared 2-core machine (load 1.5-5: timings are slow and
-noisy), seeds 0/1; "150k" is a cap of 150,000 teacher queries.
-At 150k: 60.0 / 64.8 % with student lr 1e-3, 68.0 % with 3e-3 (seed 0); 20 steps at lr_g 1e-2 or 3e-2:
-53.4 / 49.3 % (seed 0). At 45 s the preset reaches 67.7 / 67.3 %.
+from ``datafree_kd.py``). ``mnist`` (the grey 32-px sets: Fashion-MNIST, MNIST, digits): the paper has
+no MNIST setting, so the grey sets run its CIFAR-10 values (the ``cifar10`` preset); tuned values come
+from ``bench tune`` (docs/tuning.md, the ``tuned`` track).
 
 Deviations: the official features hook every BN layer except for ResNet-34 teachers, where it hooks
 the four residual stages' outputs; here always every BN input. The official memory bank starts as

@@ -31,17 +31,9 @@ Presets:
   (4 px) + flip, random sorted labels, pixels clipped to the valid range after every step. Note:
   that script also passes ``--adv 1`` (a JS competition term with the student, i.e. ADI); this preset
   leaves it at 0 (plain DeepInversion); ``adi``'s ``cifar10_datafree`` preset keeps it.
-- ``mnist`` (Fashion-MNIST, MNIST, digits): the harness's CPU settings (not the paper's), chosen by
-  validation accuracy for the quick grid's 45 s cap: 64 images x 40 steps per batch with DataFree's
-  synthesis settings (lr 0.1, Adam (0.5, 0.99), L1 TV 1e-3, clipping, random labels; jitter 2, flips
-  where the dataset flips), bn 1 instead of 10, one batch per 50 student steps, the student with Adam
-  1e-3 at a constant lr (a seconds cap ends the run anywhere in a schedule), KD batch 128, T 20.
-  Measurements: validation accuracy (``student_acc_val``) on Fashion-MNIST lenet5_bn (90.3 % test) ->
-  lenet5_half, one process with 1 thread on a shared 2-core machine (load 1.5-5: timings are slow and
-  noisy), seeds 0/1; "150k" is a cap of 150,000 teacher queries.
-  bn 1 vs 10 at 150k: 54.2 / 47.0 vs 42.2 / 43.0 %; 128-image batches of (20, 40, 100) steps with one
-  batch per (5, 10, 25) student steps: 26.1 / 36.1 / 43.3 % (seed 0); student lr 3e-3: 49.1 % (seed 0).
-  At 45 s the preset reaches 48.3 / 48.1 % (KD batch 256 at lr 3e-3: 50.2 / 43.5 %).
+- ``mnist`` (the grey 32-px sets: Fashion-MNIST, MNIST, digits): the paper has no MNIST setting, so the
+  grey sets run its CIFAR-10 values (the ``cifar10`` preset); tuned values come from ``bench tune``
+  (docs/tuning.md, the ``tuned`` track).
 
 Deviations: images are synthesised in the normalised space of the harness's dataset (as both codes);
 TV and L2 are computed on x, not on the jittered view (they differ only at the wrap-around border);

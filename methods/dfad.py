@@ -16,10 +16,9 @@ official code evaluates the test set every epoch and reports the best: ``tracks_
 Presets: ``mnist`` = DFAD_mnist.py's defaults (LeNet-5 -> LeNet-5-half: batch 512, nz 100, 40 epochs,
 SGD lr 0.01, wd 1e-4, no schedule: run_mnist.sh passes no --scheduler); ``cifar10``/``cifar100`` =
 DFAD_cifar.py with the README's ``--scheduler`` (ResNet-34 -> ResNet-18: batch 256, nz 256, 500 epochs,
-SGD lr 0.1, wd 5e-4, lr x0.1 at epochs 100 and 200 for student and generator). ``cpu`` = the harness's
-CPU settings for Fashion-MNIST lenet5_bn -> lenet5_half under ~45 s (chosen by validation accuracy), not
-the paper's. The harness loop runs one student update per step; the generator step follows every
-kd_steps-th student step, as in the official loop.
+SGD lr 0.1, wd 5e-4, lr x0.1 at epochs 100 and 200 for student and generator). Tuned values come from
+``bench tune`` (docs/tuning.md). The harness loop runs one student update per step; the generator step
+follows every kd_steps-th student step, as in the official loop.
 """
 from __future__ import annotations
 

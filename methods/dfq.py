@@ -29,9 +29,8 @@ Deviations and choices:
 - The schedule is a per-step cosine (DataFree steps its cosine once per epoch: the same curve, stepped).
 - Presets: ``cifar10`` = scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (lr 0.1); ``cifar100`` =
   scripts/dfq/dfq_cifar10_res34_res18.sh, which runs CIFAR-100 ResNet-34 -> ResNet-18 (lr 0.05);
-  ``mnist`` = the CIFAR-10 settings with nz 256 (harness choice: DataFree has no MNIST run); ``cpu`` = the
-  harness's CPU settings for Fashion-MNIST lenet5_bn -> lenet5_half under ~45 s (chosen by validation
-  accuracy), not the paper's.
+  ``mnist`` = the CIFAR-10 settings with nz 256 (harness choice: DataFree has no MNIST run); tuned
+  values come from ``bench tune`` (docs/tuning.md).
 """
 from __future__ import annotations
 

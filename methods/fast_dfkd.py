@@ -26,20 +26,10 @@ lr 0.2, cosine to 2e-4 over 200 KD epochs of 400 steps, T 20).
 Presets: ``cifar10`` = ``scripts/fast_cifar.sh`` "Fast-10" for WRN pairs (g_steps 10, lr_g 2e-3, lr_z
 0.01, adv 1.1, bn 10, oh 0.4, bn_mmt 0.9, warm-up 20, 220 epochs, reset_l0), ``cifar10_resnet`` the
 ResNet/VGG pairs' oh 0.5 / adv 1.33 (ResNet; VGG uses adv 1.0), ``cifar10_fast2`` and ``cifar10_fast5``
-the 2- and 5-step variants (lr_g 5e-3 / 3e-3, lr_z 0.015 / 0.01). ``mnist``: the harness's CPU settings
-(not the paper's), chosen by validation accuracy for the quick grid's 45 s cap: a width-8 generator
-(the official width 64 costs ~75 LeNet-5 forwards per image on a CPU; width 16 was no better), "Fast-5"
-(5 inner steps at its official lr_g 3e-3 / lr_z 0.01), 128 images per batch, oh 1 instead of 0.4,
-warm-up 5 batches, no reset, one batch per 20 student steps, the student with Adam 3e-3 at a constant
-lr, KD batch 256, T 20.
-Measurements: validation accuracy (``student_acc_val``) on Fashion-MNIST lenet5_bn (90.3 % test) ->
-lenet5_half, one process with 1 thread on a shared 2-core machine (load 1.5-5: timings are slow and
-noisy), seeds 0/1; "150k" is a cap of 150,000 teacher queries.
-At 150k: width 8 / 16 65.3 / 61.9 % (seed 0); 2 / 5 / 10 inner steps 63.3 / 65.3 / 67.3 % (seed 0);
-warm-up 20 vs 5: 64.7 / 62.3 vs 68.2 / 67.5 %. At 45 s: oh 0.4 vs 1 (KD batch 256) 65.9 / 66.7 vs
-70.1 / 72.9 %; "Fast-10" (lr_g 2e-3) 70.8 / 71.8 %; the preset reaches 71.5 / 73.0 % (59.9 / 62.3 % at
-15 s). bf16 autocast (a grid's ``amp: true``) ran no faster on this AVX512-BF16 CPU at this size (28-30 s
-per 150k either way) and reached 65.1 / 65.1 % against 69.7 / 63.5 % (KD batch 256, oh 0.4): leave it off.
+the 2- and 5-step variants (lr_g 5e-3 / 3e-3, lr_z 0.015 / 0.01). ``mnist`` (the grey 32-px sets:
+Fashion-MNIST, MNIST, digits): the paper has no MNIST setting, so the grey sets run its CIFAR-10 values
+(the ``cifar10`` preset, Fast-10); tuned values come from ``bench tune`` (docs/tuning.md, the ``tuned``
+track).
 
 Deviations: budget-scaled runs scale the warm-up (``ctx.scaled(warmup)``) and the reset point with
 the same fraction. The official code already switches the adversarial term on in the last warm-up

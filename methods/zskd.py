@@ -36,16 +36,9 @@ impressions are optimised independently, up to the batch-wide min-max rescale th
 official student training also uses heavy augmentation (scaling, translation, rotation, flips, noise);
 here the dataset's own augmentation.
 ``mnist_paper`` / ``fashion_mnist_paper``: the paper's MNIST and Fashion-MNIST protocols (24,000 and 48,000
-impressions; run by ``bench/grids/reproduce.yaml``).
-``mnist``: the harness's CPU settings (not the paper's), chosen by validation accuracy for the quick
-grid's 45 s cap: 128 impressions x 20 steps per batch at lr 0.1, betas [1.0] (the official code's
-effective beta; the paper's [1.0, 0.1] did worse), one batch per 20 student steps, the student with
-Adam 3e-3 (constant), KD batch 128, T 20.
-Measurements: validation accuracy (``student_acc_val``) on Fashion-MNIST lenet5_bn (90.3 % test) ->
-lenet5_half, one process with 1 thread on a shared 2-core machine (load 1.5-5: timings are slow and
-noisy), seeds 0/1; "150k" is a cap of 150,000 teacher queries.
-At 150k: betas [1.0, 0.1] vs [1.0] 23.9 vs 32.5 / 28.2 %; 60 steps at lr 0.05: 15.9 % (seed 0). At 45 s
-the preset reaches 43.5 / 34.8 %: without image priors the impressions stay noise-like at this budget.
+impressions; run by ``bench/grids/reproduce.yaml``). The grey 32-px sets run them: Fashion-MNIST
+``fashion_mnist_paper``, MNIST and the digit sets ``mnist_paper``; tuned values come from ``bench tune``
+(docs/tuning.md, the ``tuned`` track).
 """
 from __future__ import annotations
 
@@ -111,8 +104,8 @@ PRESETS = {
 }
 # the grey sets run the paper's own protocols (Fashion-MNIST's for Fashion-MNIST, MNIST's for the digit sets)
 PRESET_FOR_DATASET = {"mnist": "mnist_paper", "fashion_mnist": "fashion_mnist_paper", "digits": "mnist_paper",
-                      "mnist_5k": "mnist_paper", "mnist_t10k": "mnist_paper", "cifar10": "cifar10", "cifar100": "cifar10",
-                      "svhn": "cifar10"}
+                      "mnist_5k": "mnist_paper", "mnist_t10k": "mnist_paper",
+                      "cifar10": "cifar10", "cifar100": "cifar10", "svhn": "cifar10"}
 
 
 def final_layer_weights(model: nn.Module, num_classes: int) -> torch.Tensor:

@@ -29,8 +29,7 @@ Deviations and choices (all fields):
 - The paper has no MNIST-family experiment: the ``mnist`` preset is the official code's LeNet defaults
   (main.py: 1,000 pseudo batches, 7 student steps each; the SVHN LeNet->LeNet log's args.txt).
 - ``svhn`` and ``cifar100`` use the CIFAR-10 setting (harness choice; the paper's SVHN budget is unverified).
-- ``cpu``: the harness's CPU settings for Fashion-MNIST lenet5_bn -> lenet5_half under ~45 s (chosen by
-  validation accuracy; see the preset's comment). Not the paper's.
+- Tuned values come from ``bench tune`` (docs/tuning.md, the ``tuned`` track), not from a preset.
 - The student is the generator's adversary (Fast-Datafree passes the teacher there, making the adversarial
   term zero; DataFree's "zskt" also drops the attention term and samples a fresh z for every student step:
   neither is followed here).
