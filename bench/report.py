@@ -55,7 +55,7 @@ import pandas as pd
 
 from bench.latency import BACKENDS, LatencyBackend
 
-from bench.store import COLUMNS, RECORD_ONLY
+from bench.store import COLUMNS, DEFAULTED, RECORD_ONLY
 
 # Without these the rows cannot be placed in a table at all.
 REQUIRED_COLUMNS = ("dataset", "teacher", "student", "method", "student_acc")
@@ -162,7 +162,7 @@ def load_runs(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         raise ReportError(f"{path} lacks the required column(s) {missing_required}; its columns are "
                           f"{list(df.columns)}; expected the columns of bench.store.COLUMNS")
     notes = []
-    missing = [c for c in COLUMNS if c not in df.columns and c not in RECORD_ONLY]
+    missing = [c for c in COLUMNS if c not in df.columns and c not in RECORD_ONLY and c not in DEFAULTED]
     if missing:
         notes.append(f"runs.csv lacks the column(s) {', '.join(missing)} (written by an older `bench run`): "
                      "what needs them is left out or shown as '–'.")

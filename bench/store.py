@@ -22,6 +22,10 @@ from typing import Any, Iterable
 # cell's inputs, no report figure reads them, so an older runs.csv lacks them without a note.
 RECORD_ONLY = ("teacher_checkpoint", "teacher_pretrained", "data_options", "input_mean", "input_std", "augment")
 
+# Columns newer than some runs.csv files whose absence means their default (tuning "" = the paper track,
+# validation_feedback "" = none): the report reads them, and an older file lacks them without a note.
+DEFAULTED = ("tuning", "validation_feedback")
+
 # The public column set (DESIGN.md "Results"); scripts and the report read these names.
 COLUMNS = [
     "cell_id", "status", "error", "grid", "dataset", "teacher", "student", "method", "label", "preset", "tuning", "seed",
