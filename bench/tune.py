@@ -47,7 +47,7 @@ from bench.store import ResultsStore
 SAMPLERS = ("random", "tpe")
 HEADER = """\
 # Tuned presets: written by `bench tune` (bench/tune.py; docs/tuning.md), read by grid entries with
-# `preset: tuned` (key: the method's data family, e.g. mnist for the grey 32-px sets) or `preset: oracle`
+# `preset: tuned` (key: the data family, bench.tracks.FAMILIES: grey32 for the grey 32-px sets) or `preset: oracle`
 # (key: oracle:<dataset>). Each record holds the chosen values, every trial's values and score, the
 # development task and its cap, the trial count, the method's code hash and the date.
 """

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.method import register
-from bench.search_space import Choice, Float, Int
+from bench.search_space import Float
 from methods.deepinversion import (DATAFREE_SYNTHESIS, PRESET_FOR_DATASET, DeepInversion,
                                    DeepInversionConfig)
 
@@ -52,18 +52,8 @@ class ADI(DeepInversion):
     """Adaptive DeepInversion (Yin et al., CVPR 2020): DeepInversion + (1 - JS) competition with the student."""
 
     Config = ADIConfig
-    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
-    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
-    search_space = {
-        "lr": Float(1e-3, 0.3, log=True),
-        "lr_g": Float(0.01, 0.5, log=True),
-        "g_steps": Int(10, 2000, log=True),
-        "kd_steps": Int(10, 1000, log=True),
-        "synth_batch": Choice(32, 64, 128, 256),
-        "bn": Float(0.1, 30.0, log=True),
-        "tv": Float(1e-6, 1e-2, log=True),
-        "cig_scale": Float(0.1, 10.0, log=True),
-    }
+    # the equal-tuning search space (bench tune; docs/tuning.md): DeepInversion's and the competition's weight
+    search_space = {**DeepInversion.search_space, "cig_scale": Float(0.1, 10.0, log=True)}
     presets = PRESETS
     preset_for_dataset = PRESET_FOR_DATASET
     title = "ADI"

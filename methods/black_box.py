@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from bench.config import ConfigError
 from bench.method import MethodConfig
+from bench.search_space import Choice, Float, Int
 from methods.adversarial import make_scheduler
 from methods.generator import DAFLGenerator
 
@@ -97,6 +98,16 @@ DFME_PRESETS = {
 }
 DFME_PRESET_FOR_DATASET = {"cifar10": "cifar10", "cifar100": "cifar10", "svhn": "svhn", "mnist": "grey32",
                       "fashion_mnist": "grey32", "mnist_5k": "grey32", "digits": "grey32"}
+# the equal-tuning search space of dfme and dfme_hl (bench tune; docs/tuning.md): the fields the paper says matter,
+# in ranges around the official values for the grey sets, which must lie inside (bench.search_space.check_space)
+DFME_SPACE = {
+    "lr_S": Float(1e-3, 0.3, log=True),
+    "lr_G": Float(1e-5, 1e-3, log=True),
+    "batch_size": Choice(64, 128, 256),
+    "gen_width": Choice(8, 16, 32),
+    "d_iter": Int(1, 10),
+    "grad_epsilon": Float(1e-4, 1e-2, log=True),
+}
 
 
 @dataclass

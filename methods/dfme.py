@@ -29,10 +29,9 @@ from __future__ import annotations
 import torch
 
 from bench.method import DataAccess, Method, TeacherAccess, register
-from bench.search_space import Choice, Float, Int
 from methods.adversarial import class_entropy, sample_std, save_samples
-from methods.black_box import (DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFMEConfig, corrected_log_probs, dfme_game,
-                               forward_difference_gradient, l1_disagreement)
+from methods.black_box import (DFME_PRESET_FOR_DATASET, DFME_PRESETS, DFME_SPACE, DFMEConfig, corrected_log_probs,
+                               dfme_game, forward_difference_gradient, l1_disagreement)
 
 @register("dfme")
 class DFME(Method):
@@ -41,16 +40,7 @@ class DFME(Method):
     data_access = DataAccess.NONE
     teacher_access = TeacherAccess.OUTPUTS
     Config = DFMEConfig
-    # the equal-tuning search space (bench tune; docs/tuning.md): the fields the paper says matter, in ranges
-    # around the paper's values for mnist, which must lie inside (bench.search_space.check_space, at registration)
-    search_space = {
-        "lr_S": Float(1e-3, 0.3, log=True),
-        "lr_G": Float(1e-5, 1e-3, log=True),
-        "batch_size": Choice(64, 128, 256),
-        "gen_width": Choice(8, 16, 32),
-        "d_iter": Int(1, 10),
-        "grad_epsilon": Float(1e-4, 1e-2, log=True),
-    }
+    search_space = DFME_SPACE  # the equal-tuning search space (bench tune; docs/tuning.md)
     presets = DFME_PRESETS
     preset_for_dataset = DFME_PRESET_FOR_DATASET
     tracks_best = True  # the official code tests every epoch and reports the best
