@@ -18,6 +18,7 @@ method and family, or when the method's code has changed since it was tuned.
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,10 +53,18 @@ def record_key(dataset: str, track: str) -> str:
 
 
 def read_tuned(path: Path | str | None = None) -> dict[str, dict[str, Any]]:
-    """``{method: {key: record}}`` from a tuned-presets file (empty if it does not exist)."""
+    """``{method: {key: record}}`` from a tuned-presets file (empty if it does not exist). Read once per version
+    of the file (a grid resolves every tuned entry on every dataset); callers must not modify what it returns."""
     path = Path(path) if path else default_tuned_file()
     if not path.is_file():
         return {}
+    stat = path.stat()
+    return _read_tuned(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tuned(path_text: str, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
+    path = Path(path_text)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -98,7 +98,7 @@ def _budget(spec: TuneSpec, where: str = "tune.budget"):
     return as_budget(spec.budget, where)
 
 
-def paper_values(entry: MethodEntry, spec: TuneSpec) -> dict[str, Any]:
+def paper_trial(entry: MethodEntry, spec: TuneSpec) -> dict[str, Any]:
     """The values trial 0 runs: the method's paper values on the task (with the entry's params)."""
     method = get_method(entry.name)
     _, config = method.resolve_config(spec.dataset, None, entry.params)
@@ -218,7 +218,7 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
             study.tell(trial.number, state=TrialState.FAIL)
     threads = grid.threads or max(1, (os.cpu_count() or 1) // jobs)
     provenance = Provenance(opts.device.type, opts.data_root)
-    first = paper_values(entry, spec)
+    first = paper_trial(entry, spec)
     plan = plan_trials(space, first, spec.trials, spec.sampler_seed) if spec.sampler == "random" else None
 
     def finished():

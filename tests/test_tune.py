@@ -123,10 +123,10 @@ def test_a_tune_killed_with_sigkill_mid_trial_resumes_and_keeps_every_finished_t
     (record,) = yaml.safe_load((tmp_path / "tuned.yaml").read_text())["methods"]["kd"].values()
     assert len(record["history"]) == 4 and all(h["outcome"] == "scored" for h in record["history"])
     from bench.method import get_method
-    from bench.tune import paper_values, plan_trials
+    from bench.tune import paper_trial, plan_trials
 
     grid_ = load_grid(str(grid))
-    spec_values = plan_trials(get_method("kd").search_space, paper_values(grid_.methods[0], _spec(grid_)), 4, 0)
+    spec_values = plan_trials(get_method("kd").search_space, paper_trial(grid_.methods[0], _spec(grid_)), 4, 0)
     assert [h["values"] for h in record["history"]] == spec_values  # the planned trials, each once, in order
 
 
