@@ -176,11 +176,19 @@ class _Pool:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _alive_here(trial) -> bool:
-    """Whether a RUNNING trial's process (recorded at ask) is still alive; other machines' trials count as alive."""
-    host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
-    if host != socket.gethostname() or pid is None:
-        return host is not None
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(trial) -> bool:
+    """Whether a RUNNING trial's process (its ``owner``, host:pid, written at enqueue and at ask) is alive.
+    A trial with no owner was asked by a process killed before it could write one; another machine's trial
+    counts as alive."""
+    host, _, pid = str(trial.user_attrs.get("owner", "")).rpartition(":")
+    if not host or not pid.isdigit():
+        return False
+    if host != socket.gethostname():
+        return True
     try:
         os.kill(int(pid), 0)
     except OSError:
@@ -214,7 +222,7 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
     study = optuna.create_study(study_name=study_name(entry, spec, code), storage=storage, direction="maximize",
                                 sampler=sampler, load_if_exists=True)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _alive_here(trial):  # its process was killed: run its values again (finished cells are kept)
+        if not _alive(trial):  # its process was killed: run its values again (finished cells are kept)
             study.tell(trial.number, state=TrialState.FAIL)
     threads = grid.threads or max(1, (os.cpu_count() or 1) // jobs)
     provenance = Provenance(opts.device.type, opts.data_root)
@@ -247,10 +255,13 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
                 if values is None:
                     break
                 if values:
-                    study.enqueue_trial(values, skip_if_exists=False)
-                trial = study.ask(dists)
-                trial.set_user_attr("host", socket.gethostname())
-                trial.set_user_attr("pid", os.getpid())
+                    study.enqueue_trial(values, user_attrs={"owner": _owner()}, skip_if_exists=False)
+                taken = [t.params for t in finished()] + [t.params for t in running()]
+                trial = study.ask(dists)  # pops the oldest waiting trial: a kill between enqueue and ask leaves one
+                trial.set_user_attr("owner", _owner())
+                if plan is not None and trial.params in taken:  # that leftover's values already ran or run now
+                    study.tell(trial, state=TrialState.FAIL)  # no "outcome": not a trial of the record
+                    continue
                 cells = expand(trial_grid(grid, spec, entry, trial.params, threads), provenance=provenance)
                 run = in_flight[trial.number] = _Running(trial, cells)
                 echo(f"  {label} trial {trial.number}: {_values_text(trial.params)}")

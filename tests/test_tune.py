@@ -130,6 +130,41 @@ def test_a_tune_killed_with_sigkill_mid_trial_resumes_and_keeps_every_finished_t
     assert [h["values"] for h in record["history"]] == spec_values  # the planned trials, each once, in order
 
 
+def test_a_resumed_tune_runs_every_planned_trial_once_whatever_a_kill_left_in_the_study(tmp_path, cache_dir, one_thread):
+    """The kill windows a SIGKILL can hit, made on purpose: a trial asked by a process now dead, a trial asked
+    before its owner was written, and a trial enqueued but never asked. The resumed tune runs each planned trial
+    exactly once (CI once caught a kill between enqueue and ask, which ran a trial twice and one never)."""
+    import optuna
+
+    from bench.method import get_method
+    from bench.provenance import method_source_hash
+    from bench.search_space import distributions
+    from bench.tune import paper_trial, plan_trials, study_name
+
+    grid_path = _grid(tmp_path, methods="[kd]", trials=3)
+    out = tmp_path / "out"
+    _tune(grid_path, out, cache_dir, trials=1)  # trial 0, the paper's values, finished
+    grid = load_grid(str(grid_path))
+    entry, spec = grid.methods[0], _spec(grid)
+    method = get_method("kd")
+    plan = plan_trials(method.search_space, paper_trial(entry, spec), 3, spec.sampler_seed)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = {"owner": f"{__import__('socket').gethostname()}:{dead.stdout.strip()}"}
+    study = optuna.load_study(study_name=study_name(entry, spec, method_source_hash(method)),
+                              storage=f"sqlite:///{out / 'tune.db'}")
+    dists = distributions(method.search_space)
+    study.enqueue_trial(plan[1], user_attrs=owner)
+    study.ask(dists)  # asked by a process now dead
+    study.ask(dists)  # asked, then killed before the owner was written
+    study.enqueue_trial(plan[1], user_attrs=owner)  # enqueued, then killed before the ask
+
+    records = _tune(grid_path, out, cache_dir)
+    history = records["kd"]["history"]
+    assert sorted(map(str, (h["values"] for h in history))) == sorted(map(str, plan))
+    assert all(h["outcome"] == "scored" for h in history)
+    assert len({r["cell_id"] for r in _rows(out)}) == 3
+
+
 def _spec(grid):
     from bench.tune import spec_of
 
