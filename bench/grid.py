@@ -57,6 +57,9 @@ class MethodEntry:
     amp: bool | None = None  # default: the grid's amp
 
 
+REPORT_AXES = ("seconds", "teacher_queries")  # the anytime axes a best-at-budget table reads
+
+
 @dataclass
 class Grid:
     name: str
@@ -87,6 +90,9 @@ class Grid:
     # the grid file; and the development task `bench tune` tunes this grid's methods on (bench.tune.TuneSpec)
     tuned_file: str | None = None
     tune: dict[str, Any] | None = None
+    # budgets the report's best-method-at-each-budget tables read besides their round ladder, per anytime axis
+    # (e.g. {seconds: [45, 150, 600]}: a study that reads one long cap at several budgets)
+    report_budgets: dict[str, list[float]] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key in ("datasets", "pairs", "methods", "seeds"):
@@ -106,14 +112,19 @@ class Grid:
             raise ConfigError(f"teacher_outputs must be one of {', '.join(OUTPUT_KINDS)}, got {self.teacher_outputs!r}")
         if self.jobs < 1 or (self.threads is not None and self.threads < 1):
             raise ConfigError(f"jobs and threads must be >= 1, got jobs={self.jobs}, threads={self.threads}")
+        unknown = sorted(set(self.dataset_options) - set(self.datasets))
+        if unknown:
+            raise ConfigError(f"dataset_options: {unknown} not in the grid's datasets; valid: {', '.join(self.datasets)}")
+        for axis, budgets in self.report_budgets.items():
+            if axis not in REPORT_AXES:
+                raise ConfigError(f"report_budgets: unknown axis {axis!r}; valid: {', '.join(REPORT_AXES)}")
+            if not budgets or any(not isinstance(b, (int, float)) or isinstance(b, bool) or b <= 0 for b in budgets):
+                raise ConfigError(f"report_budgets.{axis} must be a non-empty list of positive numbers, got {budgets!r}")
 
     @property
     def cell_threads(self) -> int:
         """Torch threads per cell: ``threads``, else this machine's cores shared among the ``jobs``."""
         return self.threads or max(1, (os.cpu_count() or 1) // self.jobs)
-        unknown = sorted(set(self.dataset_options) - set(self.datasets))
-        if unknown:
-            raise ConfigError(f"dataset_options: {unknown} not in the grid's datasets; valid: {', '.join(self.datasets)}")
 
 
 def as_budget(value: float | Budget, where: str = "budget") -> Budget:

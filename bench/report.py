@@ -576,6 +576,13 @@ def budget_ladder(lo: float, hi: float, max_rungs: int = MAX_LADDER) -> list[flo
     return rungs + [float(hi)]
 
 
+def report_ladder(values: pd.Series, named: Iterable[float] = ()) -> list[float]:
+    """The budgets a best-at-budget table reads: the round ladder over the compute reached, and the ``named``
+    budgets (a grid's ``report_budgets``) up to the largest compute reached."""
+    lo, hi = anytime_range(values)
+    return sorted(set(budget_ladder(lo, hi)) | {float(b) for b in named if float(b) <= hi})
+
+
 def best_at_budget(anytime: pd.DataFrame, x: str, budgets: Iterable[float]) -> pd.DataFrame:
     """For each compute budget and user data-access level: the method label with the highest mean validation
     accuracy at that budget among the methods the level may run (ties: the first label; ``tied`` lists them all),
@@ -1324,7 +1331,7 @@ def render(results_dir: Path, out: Path | None = None, latency_backend: str | No
     with _style():
         for dataset in sorted(df["dataset"].unique()):
             sections.append(_dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backend, results_dir,
-                                             plots_dir, samples_dir))
+                                             plots_dir, samples_dir, grid.get("report_budgets") or {}))
     agg.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     for name, attribute in (("best_at_budget", "best_at_budget"), ("latency_budget", "latency_budget")):
         frames = [getattr(s, attribute) for s in sections if getattr(s, attribute) is not None and len(getattr(s, attribute))]
@@ -1357,7 +1364,7 @@ BEST_AT_BUDGET_TEXT = (
 
 
 def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backend, results_dir, plots_dir,
-                     samples_dir) -> Section:
+                     samples_dir, report_budgets: dict[str, list[float]]) -> Section:
     part = agg[agg["dataset"] == dataset]
     ok = part[part["n_ok"] > 0]
     tea = teachers[teachers["dataset"] == dataset]
@@ -1439,7 +1446,7 @@ def _dataset_section(dataset, df, agg, teachers, curves, anytime, colours, backe
                                   f"{title}: accuracy vs distillation cost"))
     else:
         section.skipped.append("accuracy vs distillation cost: runs.csv has no distill_seconds values")
-    _anytime_blocks(section, anytime[anytime["dataset"] == dataset], colours, plots_dir, slug, title)
+    _anytime_blocks(section, anytime[anytime["dataset"] == dataset], colours, plots_dir, slug, title, report_budgets)
     _curves_blocks(section, part_curves, colours, plots_dir, slug, title)
     rows = df[(df["dataset"] == dataset) & (df["status"] == "ok") & (df["cell_id"] != "")]
     for (label, pair), group in rows.sort_values("seed").groupby(["label", "pair"], sort=True):
@@ -1544,8 +1551,10 @@ def _finish(section: Section) -> Section:
     return section
 
 
-def _anytime_blocks(section: Section, anytime: pd.DataFrame, colours, plots_dir: Path, slug: str, title: str) -> None:
-    """Per pair: validation accuracy vs teacher queries and vs seconds, and the best method at each budget."""
+def _anytime_blocks(section: Section, anytime: pd.DataFrame, colours, plots_dir: Path, slug: str, title: str,
+                    report_budgets: dict[str, list[float]]) -> None:
+    """Per pair: validation accuracy vs teacher queries and vs seconds, and the best method at each budget (the
+    ladder of round budgets, plus the budgets the grid's ``report_budgets`` names for that axis)."""
     if not len(anytime):
         section.skipped.append("anytime curves and best method per compute budget: no cells/<cell_id>/anytime.jsonl")
         return
@@ -1573,7 +1582,7 @@ def _anytime_blocks(section: Section, anytime: pd.DataFrame, colours, plots_dir:
             _save(_anytime_figure(part, x, f"{title}, {pair}: validation accuracy vs {what}", colours), plots_dir, plot)
             section.plots.append(plot)
             section.blocks.append(Block("figure", plot=plot))
-            table = best_at_budget(part, x, budget_ladder(*anytime_range(part[x])))
+            table = best_at_budget(part, x, report_ladder(part[x], report_budgets.get(x, ())))
             table.insert(0, "pair", pair)
             table.insert(0, "dataset", section.dataset)
             tables.append(table)

@@ -167,7 +167,7 @@ def write_grid_json(out: Path, grid: Grid, cells: list[Cell], executor: str, kee
             earlier = []
         ids = [i for i in earlier if i not in ids] + ids
     path.write_text(json.dumps({"name": grid.name, "description": grid.description, "cells": len(ids),
-                                "cell_ids": ids, "executor": executor}, indent=2))
+                                "cell_ids": ids, "executor": executor, "report_budgets": grid.report_budgets}, indent=2))
 
 
 def teacher_identity(cell: Cell) -> tuple:

@@ -131,3 +131,17 @@ def test_the_readme_grid_example_is_valid(tmp_path):
     example = re.search(r"## Grids\n\n```yaml\n(.*?)```", readme, re.S).group(1)
     cells = expand(load_grid(_write(tmp_path, example)))
     assert {c.method for c in cells if c.student == "lenet5_half"} == {"kd", "kd_alt", "dafl"}
+
+
+def test_report_budgets_name_an_anytime_axis_and_positive_budgets(tmp_path):
+    grid = load_grid(_write(tmp_path, GOOD + "report_budgets: {seconds: [45, 150, 600]}\n"))
+    assert grid.report_budgets == {"seconds": [45.0, 150.0, 600.0]}
+    with pytest.raises(ConfigError, match="report_budgets: unknown axis 'secs'; valid: seconds, teacher_queries"):
+        load_grid(_write(tmp_path, GOOD + "report_budgets: {secs: [45]}\n"))
+    with pytest.raises(ConfigError, match="report_budgets.seconds must be a non-empty list of positive numbers"):
+        load_grid(_write(tmp_path, GOOD + "report_budgets: {seconds: [0]}\n"))
+
+
+def test_dataset_options_of_a_dataset_outside_the_grid_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset_options: \['mnist'\] not in the grid's datasets; valid: digits"):
+        load_grid(_write(tmp_path, GOOD + "dataset_options: {mnist: {image_size: 28}}\n"))

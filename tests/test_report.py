@@ -51,7 +51,8 @@ def make_results(folder: Path, csv_path: Path = FIXTURE) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (folder / "grid.json").write_text(json.dumps({"name": "fixture", "description": "rendering fixture", "cells": 27}))
+    (folder / "grid.json").write_text(json.dumps({"name": "fixture", "description": "rendering fixture", "cells": 27,
+                                                  "report_budgets": {"seconds": [0.0123]}}))
     for row in rows:
         cell = folder / "cells" / row["cell_id"]
         cell.mkdir(parents=True, exist_ok=True)
@@ -143,6 +144,9 @@ def test_files(rendered):
     best = pd.read_csv(out / "best_at_budget.csv")
     assert set(best["axis"]) == {"teacher_queries", "seconds"} and set(best["dataset"]) == {"fashion_mnist", "digits"}
     assert (best["val_acc_mean"].dropna() < 100).all()
+    # the grid's report_budgets (here 0.0123 s, off the round ladder) are rungs of its axis's table only
+    assert 0.0123 in set(best.loc[best["axis"] == "seconds", "budget"])
+    assert 0.0123 not in set(best.loc[best["axis"] == "teacher_queries", "budget"])
     # kd_noise (teacher outputs, no data) serves the API-teacher user: the table has a column for it
     assert set(pd.read_csv(out / "latency_budget.csv")["user_access"]) == {"none", "alt", "few", "full", "api"}
 
@@ -453,6 +457,12 @@ def test_best_at_budget_picks_per_access_level_and_budget():
     assert header == ["teacher queries ≤", "data-free (none)", "≤ few samples", "≤ full (any method)"]
     assert rows[0] == ["100", "fast_free: 42.00 (2/2 seeds)", "fast_free [none]: 42.00 (2/2 seeds)",
                        "fast_free [none]: 42.00 (2/2 seeds)"]
+
+
+def test_report_ladder_adds_the_named_budgets_up_to_the_compute_reached():
+    ladder = report.report_ladder(pd.Series([0.5, 20.0, 600.0]), [45, 150, 600, 1000])
+    assert {45.0, 150.0, 600.0} <= set(ladder) and 1000.0 not in ladder and ladder == sorted(ladder)
+    assert report.report_ladder(pd.Series([0.5, 20.0, 600.0])) == budget_ladder(0.6, 600.0)
 
 
 def test_best_at_budget_reports_ties():
