@@ -116,6 +116,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
       bench run --grid full --executor ray --address auto --gpus-per-cell 1   # on a Ray cluster
     """
     import dataclasses
+    import os
 
     from bench import overrides
     from bench.grid import load_grid
@@ -148,6 +149,8 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
         grid = dataclasses.replace(grid, jobs=jobs)
     options = RunOptions(out=out or Path("results") / grid.name, device=resolve_device(device), data_root=data_root,
                          cache_dir=cache_dir, force=force, rerun_failed=rerun_failed, progress=not no_progress)
+    if grid.latency_min_run_time is not None and not os.environ.get("DFKD_LATENCY_MIN_RUN_TIME"):
+        options = dataclasses.replace(options, latency_min_run_time=grid.latency_min_run_time)
     if dry_run:
         from bench.dryrun import plan
 

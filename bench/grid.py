@@ -75,6 +75,9 @@ class Grid:
     plugins: list[str] = field(default_factory=list)
     amp: bool = False  # bf16 autocast where a method supports it (CUDA, or a CPU with native bf16)
     latency_threads: int = 1
+    # seconds of timed runs per architecture and latency backend at batch 1 (default bench.latency.MIN_RUN_TIME);
+    # the smoke grid lowers it: its latencies check the plumbing, they are not figures to compare
+    latency_min_run_time: float | None = None
     # validation images held out of each training split (None: the dataset's documented default;
     # 0: none, a paper's full-train protocol: no validation accuracy, no anytime curve)
     validation: int | None = None
@@ -108,6 +111,8 @@ class Grid:
             raise ConfigError(f"checkpoint_every must be >= 0 seconds (0: never), got {self.checkpoint_every}")
         if self.latency_threads < 1:
             raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        if self.latency_min_run_time is not None and self.latency_min_run_time <= 0:
+            raise ConfigError(f"latency_min_run_time must be > 0 seconds, got {self.latency_min_run_time}")
         if self.teacher_outputs not in OUTPUT_KINDS:
             raise ConfigError(f"teacher_outputs must be one of {', '.join(OUTPUT_KINDS)}, got {self.teacher_outputs!r}")
         if self.jobs < 1 or (self.threads is not None and self.threads < 1):

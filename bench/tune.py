@@ -236,13 +236,16 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
     def running():  # this process's trials and those of other live processes (machines sharing the study)
         return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
+    def taken() -> list[dict[str, Any]]:  # the values of the trials finished and running now
+        return [t.params for t in finished()] + [t.params for t in running()]
+
     def next_values() -> dict[str, Any] | None:
-        taken = [t.params for t in finished()] + [t.params for t in running()]
+        taken_now = taken()
         if plan is not None:
-            return next((dict(v) for v in plan if v not in taken), None)
-        if len(taken) >= spec.trials:
+            return next((dict(v) for v in plan if v not in taken_now), None)
+        if len(taken_now) >= spec.trials:
             return None
-        return dict(first) if not taken else {}  # {}: TPE draws
+        return dict(first) if not taken_now else {}  # {}: TPE draws
 
     driver = Runner(opts)
     executor = _InProcess(driver) if jobs == 1 else _Pool(opts, jobs, threads, plugins)
@@ -256,10 +259,10 @@ def tune_entry(grid: Grid, spec: TuneSpec, entry: MethodEntry, *, opts: RunOptio
                     break
                 if values:
                     study.enqueue_trial(values, user_attrs={"owner": _owner()}, skip_if_exists=False)
-                taken = [t.params for t in finished()] + [t.params for t in running()]
+                before = taken()
                 trial = study.ask(dists)  # pops the oldest waiting trial: a kill between enqueue and ask leaves one
                 trial.set_user_attr("owner", _owner())
-                if plan is not None and trial.params in taken:  # that leftover's values already ran or run now
+                if plan is not None and trial.params in before:  # that leftover's values already ran or run now
                     study.tell(trial, state=TrialState.FAIL)  # no "outcome": not a trial of the record
                     continue
                 cells = expand(trial_grid(grid, spec, entry, trial.params, threads), provenance=provenance)

@@ -142,6 +142,13 @@ def test_report_budgets_name_an_anytime_axis_and_positive_budgets(tmp_path):
         load_grid(_write(tmp_path, GOOD + "report_budgets: {seconds: [0]}\n"))
 
 
+def test_latency_min_run_time_must_be_positive(tmp_path):
+    assert load_grid(_write(tmp_path, GOOD + "latency_min_run_time: 0.2\n")).latency_min_run_time == 0.2
+    assert load_grid("smoke").latency_min_run_time == 0.2 and load_grid("quick").latency_min_run_time is None
+    with pytest.raises(ConfigError, match="latency_min_run_time must be > 0 seconds, got 0.0"):
+        load_grid(_write(tmp_path, GOOD + "latency_min_run_time: 0\n"))
+
+
 def test_dataset_options_of_a_dataset_outside_the_grid_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset_options: \['mnist'\] not in the grid's datasets; valid: digits"):
         load_grid(_write(tmp_path, GOOD + "dataset_options: {mnist: {image_size: 28}}\n"))
