@@ -40,7 +40,7 @@ def main() -> None:
 
     \b
     Typical use:
-      bench run --grid quick              # Fashion-MNIST, every method, 2 seeds (~20 min on 2 CPU cores)
+      bench run --grid quick              # Fashion-MNIST, every method, 2 seeds (<= 30 min on 2 CPU cores)
       bench report results/quick          # the accuracy-vs-latency report
       bench list methods                  # what can be run
       bench run --grid examples/my_grid.yaml --plugin examples/my_method.py
@@ -106,7 +106,7 @@ def run(grid_name, out, plugins, force, rerun_failed, no_progress, report, execu
     \b
     Examples:
       bench run --grid smoke                       # seconds: digits, tiny models, every method
-      bench run --grid quick --device auto         # Fashion-MNIST, ~20 min on 2 CPU cores
+      bench run --grid quick --device auto         # Fashion-MNIST, <= 30 min on 2 CPU cores
       bench run --grid quick --dry-run             # the cells, what is cached, estimated seconds
       bench run --grid quick --only dafl --seeds 0,1,2 --budget seconds=60
       bench run --grid smoke --set lr=0.01 --set budget.seconds=5 --out results/smoke-lr

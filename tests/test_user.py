@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -239,6 +240,21 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path):
     assert len(lines) == 2 * len(expected) and all("seconds=5" in line for line in lines)
     assert "to train" in result.output and "nothing was run or written" in result.output
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_dry_run_estimates_a_longer_seconds_cap_from_rows_that_hit_a_shorter_one():
+    """Rows that stopped at a 45 s cap say nothing of a 600 s cell's length: the estimate is the 600 s cap."""
+    from bench import overrides
+    from bench.dryrun import estimate_seconds
+    from bench.grid import expand, load_grid
+
+    cell = next(c for c in expand(overrides.only(load_grid("smoke"), ["dafl"])))
+    row = {"method": cell.method, "dataset": cell.dataset, "teacher": cell.teacher, "student": cell.student,
+           "budget": "1", "compute_cap": "seconds=45", "distill_seconds": "45.3"}
+    longer = dataclasses.replace(cell, budget={**cell.budget, "seconds": 600})
+    assert estimate_seconds(longer, [row])[0] == 600
+    unfinished = {**row, "compute_cap": "", "distill_seconds": "30"}   # ran its schedule in 30 s: 30 s again
+    assert estimate_seconds(longer, [unfinished])[0] == 30
 
 
 def test_run_set_applies_to_every_entry_that_has_the_field(tmp_path):
