@@ -8,7 +8,8 @@ last anytime point at or below each level (seconds of method time, or teacher qu
     bench run --grid examples/studies/datafree_fmnist.yaml
     python3 examples/studies/datafree_levels.py results/datafree_fmnist --levels 15,45,90
 
-The final test accuracy (the headline) is printed beside it, read from runs.csv, for the last level only.
+The final test accuracy (the headline) is printed beside it, read from runs.csv, for the last level only;
+then each method's rank at each level and Kendall's tau between the first level's ranking and each later one.
 """
 from __future__ import annotations
 
@@ -48,7 +49,13 @@ def main() -> None:
     stats = table.drop(columns="seed").groupby("method").agg(["mean", "std"]).round(1)
     stats.columns = [f"{a} {b}" for a, b in stats.columns]
     stats.insert(0, "seeds", table.groupby("method").size())
+    for level in levels:  # rank by mean validation accuracy at each level (1 = best)
+        stats[f"rank@{level:g}"] = stats[f"val@{level:g} mean"].rank(ascending=False, method="min").astype("Int64")
     print(stats.sort_values(f"val@{levels[-1]:g} mean", ascending=False).to_string())
+    first = stats[f"val@{levels[0]:g} mean"]
+    for level in levels[1:]:  # does the order at the first level (where the methods were tuned) hold later?
+        tau = first.corr(stats[f"val@{level:g} mean"], method="kendall")
+        print(f"Kendall tau between the rankings at {levels[0]:g} and {level:g} {args.unit}: {tau:.2f}")
 
 
 if __name__ == "__main__":
