@@ -37,6 +37,16 @@ def test_smoke_and_quick_grids_cover_every_builtin_method():
         assert builtin <= listed, f"{name} grid misses {builtin - listed}"
 
 
+def test_quick_grids_data_free_block_runs_the_tuned_track():
+    """Issue 20: the headline data-free cells run values tuned on MNIST, never on the scored task."""
+    from bench.method import DataAccess
+
+    data_free = [c for c in expand(load_grid("quick")) if list_methods()[c.method].data_access is DataAccess.NONE
+                 and (c.teacher, c.student) == ("lenet5_bn", "lenet5_half")]
+    assert len({c.method for c in data_free}) == 12
+    assert {c.tuning for c in data_free} == {"tuned:mnist:16@45s"}
+
+
 def test_cells_and_ids(tmp_path):
     cells = expand(load_grid(_write(tmp_path, GOOD)))
     assert len(cells) == 4
