@@ -33,12 +33,6 @@ def _earlier_rows(out: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _stopped_by_seconds_cap(row: dict[str, str]) -> bool:
-    """Whether an earlier row's distillation ran into its ``seconds`` cap (within 5%)."""
-    caps = dict(part.split("=", 1) for part in (row.get("compute_cap") or "").split(", ") if "=" in part)
-    return "seconds" in caps and float(row["distill_seconds"]) >= 0.95 * float(caps["seconds"])
-
-
 def estimate_seconds(cell: Cell, rows: list[dict[str, str]]) -> tuple[float | None, str]:
     """(seconds, how it was estimated) from earlier rows like ``cell``; (None, why not) without any."""
     like = [r for r in rows if (r["method"], r["dataset"], r["teacher"], r["student"]) ==
@@ -48,17 +42,17 @@ def estimate_seconds(cell: Cell, rows: list[dict[str, str]]) -> tuple[float | No
     fraction = float(cell.budget.get("fraction", 1.0))
     caps = budget_text(cell)
     same = [r for r in like if float(r["budget"] or 1) == fraction and (r.get("compute_cap") or "") == caps]
+    cap = cell.budget.get("seconds")
+    stopped = [r for r in like if r.get("stopped_by") == "seconds"]
     if same:
         seconds, how = statistics.median(float(r["distill_seconds"]) for r in same), f"median of {len(same)} earlier row(s)"
+    elif cap is not None and len(stopped) * 2 >= len(like):
+        # most earlier rows ended at their own seconds cap: they say nothing of how long the method runs
+        # without it, so this cell's cap is the estimate (an upper bound)
+        seconds, how = float(cap), f"{len(stopped)} earlier row(s) stopped at their seconds cap; up to this cell's"
     else:
         scaled = [float(r["distill_seconds"]) * fraction / float(r["budget"] or 1) for r in like]
         seconds, how = statistics.median(scaled), f"{len(like)} earlier row(s) at another budget, scaled by the fraction"
-    cap = cell.budget.get("seconds")
-    stopped = [r for r in like if _stopped_by_seconds_cap(r)]
-    if not same and cap is not None and stopped and len(stopped) * 2 >= len(like):
-        # the earlier rows ended at their own, shorter seconds cap: they say nothing of how long the method
-        # runs without it, so a larger cap is the estimate (an upper bound)
-        seconds, how = float(cap), f"{len(stopped)} earlier row(s) stopped at a shorter seconds cap; up to this cell's"
     if cap is not None and seconds > cap:
         seconds, how = float(cap), how + f", capped at {cap:g} s"
     return seconds, how

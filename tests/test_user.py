@@ -250,10 +250,10 @@ def test_dry_run_estimates_a_longer_seconds_cap_from_rows_that_hit_a_shorter_one
 
     cell = next(c for c in expand(overrides.only(load_grid("smoke"), ["dafl"])))
     row = {"method": cell.method, "dataset": cell.dataset, "teacher": cell.teacher, "student": cell.student,
-           "budget": "1", "compute_cap": "seconds=45", "distill_seconds": "45.3"}
+           "budget": "1", "compute_cap": "seconds=45", "distill_seconds": "45.3", "stopped_by": "seconds"}
     longer = dataclasses.replace(cell, budget={**cell.budget, "seconds": 600})
     assert estimate_seconds(longer, [row])[0] == 600
-    unfinished = {**row, "compute_cap": "", "distill_seconds": "30"}   # ran its schedule in 30 s: 30 s again
+    unfinished = {**row, "compute_cap": "", "distill_seconds": "30", "stopped_by": ""}   # ran its schedule in 30 s: 30 s again
     assert estimate_seconds(longer, [unfinished])[0] == 30
 
 
